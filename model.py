@@ -1,0 +1,616 @@
+"""LLaMA and GPT-J written out by hand, with a KV cache and loading of raw checkpoints.
+
+One `Transformer` serves both families of the InterLoRA paper:
+
+    LLaMA  x -> x + Attention(RMSNorm(x)) -> x + SwiGLU(RMSNorm(x))          (serial)
+    GPT-J  x -> x + Attention(LN(x)) + MLP(LN(x))      one LayerNorm, both in parallel
+
+Module names follow Meta's checkpoint (`layers.{i}.attention.wq`, `feed_forward.w2`), so
+Meta's files load with strict=True and no renaming; Hugging Face keys are renamed through
+a table of templates. `feed_forward.w2` is the down projection in both families (GPT-J's
+fc_out), `w1` the gate (LLaMA) or fc_in (GPT-J), `w3` the up projection (LLaMA only).
+
+Rotary embeddings use Meta's interleaved layout (pairs 2i, 2i+1) in both families; GPT-J
+rotates only the first `rotary_dim` dims of each head. Hugging Face stores LLaMA's q/k rows
+permuted for its rotate-half kernel, so loading un-permutes them.
+
+This file never imports interlora.py: adapters are added to a loaded model from outside.
+"""
+import json
+import mmap
+import struct
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be used, with what to do about it."""
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class ModelConfig:
+    family: str = "llama"          # "llama" | "gptj"
+    vocab_size: int = 32000
+    dim: int = 4096
+    n_layer: int = 32
+    n_head: int = 32
+    n_kv_heads: int = 0            # 0: same as n_head (no grouped-query attention)
+    ffn_dim: int = 11008           # width of the FFN's hidden activation (input of w2)
+    rotary_dim: int = 0            # 0: the whole head (LLaMA); GPT-J rotates 64 dims
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    bos_id: int = 1
+    eos_id: int = 2
+
+    def __post_init__(self):
+        if self.family not in ("llama", "gptj"):
+            raise CheckpointError(f"model family {self.family!r} is not supported: expected llama or gptj")
+        self.n_kv_heads = self.n_kv_heads or self.n_head
+        self.rotary_dim = self.rotary_dim or self.head_dim
+        if self.dim % self.n_head or self.n_head % self.n_kv_heads or self.rotary_dim % 2:
+            raise CheckpointError(f"inconsistent model shape: dim {self.dim}, {self.n_head} heads, "
+                                  f"{self.n_kv_heads} kv heads, rotary_dim {self.rotary_dim}")
+
+    @property
+    def head_dim(self):
+        return self.dim // self.n_head
+
+    @classmethod
+    def from_name(cls, name):
+        if name not in PRESETS:
+            raise CheckpointError(f"unknown model {name!r}: choose one of {', '.join(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    def to_dict(self):
+        return asdict(self)
+
+
+# The paper's three models, plus tiny random ones (vocab 259 = the byte tokenizer of data.py).
+PRESETS = {
+    "llama-7b": dict(family="llama", dim=4096, n_layer=32, n_head=32, ffn_dim=11008),
+    "llama-13b": dict(family="llama", dim=5120, n_layer=40, n_head=40, ffn_dim=13824),
+    "gptj-6b": dict(family="gptj", vocab_size=50400, dim=4096, n_layer=28, n_head=16, ffn_dim=16384,
+                    rotary_dim=64, norm_eps=1e-5, bos_id=50256, eos_id=50256),
+    "tiny": dict(family="llama", vocab_size=259, dim=128, n_layer=4, n_head=4, ffn_dim=344,
+                 max_seq_len=1024),
+    "tiny-gptj": dict(family="gptj", vocab_size=259, dim=128, n_layer=4, n_head=4, ffn_dim=512,
+                      rotary_dim=16, norm_eps=1e-5, max_seq_len=1024),
+}
+# The fields that fix the shapes of the weights: a checkpoint must agree on these with a preset.
+SHAPE_FIELDS = ("family", "vocab_size", "dim", "n_layer", "n_head", "n_kv_heads", "ffn_dim", "rotary_dim")
+
+
+# ----------------------------------------------------------------------------- layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 (bf16 squares lose too much), then back to the stream's dtype
+        x_float = x.float()
+        x_float = x_float * torch.rsqrt(x_float.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x_float.type_as(x) * self.weight
+
+
+def rotary_cos_sin(positions, rotary_dim, theta):
+    """cos and sin of the rotary angles, each (B, T, 1, rotary_dim // 2), in fp32."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, device=positions.device).float() / rotary_dim)
+    angles = positions[..., None].float() * inv_freq  # (B, T, rotary_dim // 2)
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate the pairs (x[2i], x[2i+1]) of the first rotary dims of each head: x is (B, T, H, D)."""
+    rotary_dim = 2 * cos.shape[-1]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    even, odd = x_rot.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, T, H, rotary_dim // 2)
+    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated.type_as(x), x_pass), dim=-1)
+
+
+class KVCache(nn.Module):
+    """Keys and values of the tokens seen so far, preallocated for `max_len` positions."""
+
+    def __init__(self, batch_size, max_len, n_kv_heads, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start_pos, k, v):
+        """Store k, v (B, n_kv, T, hd) at [start_pos, start_pos + T); return all keys and values so far."""
+        end = start_pos + k.shape[2]
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_heads, self.head_dim = config.n_head, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_head * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_head * self.head_dim, config.dim, bias=False)
+        self.cache = None  # a KVCache while generating
+
+    def forward(self, x, cos, sin, mask, start_pos):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim)      # (B, T, nh, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        if self.cache is not None:
+            k, v = self.cache.update(start_pos, k, v)  # (B, nkv, start_pos + T, hd)
+        if self.n_kv_heads != self.n_head:
+            # grouped-query attention: each kv head serves n_head // n_kv_heads query heads
+            k = k.repeat_interleave(self.n_head // self.n_kv_heads, dim=1)
+            v = v.repeat_interleave(self.n_head // self.n_kv_heads, dim=1)
+        # mask None means a plain causal square (training without padding): the fastest kernels
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.wo(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """LLaMA: w2(silu(w1 x) * w3 x). GPT-J: w2(gelu_tanh(w1 x)), with biases."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.family = config.family
+        bias = config.family == "gptj"
+        self.w1 = nn.Linear(config.dim, config.ffn_dim, bias=bias)
+        self.w2 = nn.Linear(config.ffn_dim, config.dim, bias=bias)
+        if config.family == "llama":
+            self.w3 = nn.Linear(config.dim, config.ffn_dim, bias=False)
+
+    def forward(self, x):
+        if self.family == "llama":
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.parallel = config.family == "gptj"
+        if self.parallel:
+            # GPT-J has one LayerNorm (ln_1) feeding both attention and MLP
+            self.attention_norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        else:
+            self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+            self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x, cos, sin, mask, start_pos):
+        if self.parallel:
+            h = self.attention_norm(x)
+            return x + self.attention(h, cos, sin, mask, start_pos) + self.feed_forward(h)
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, start_pos)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+# ----------------------------------------------------------------------------- model
+
+class Transformer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        if config.family == "gptj":
+            self.norm = nn.LayerNorm(config.dim, eps=config.norm_eps)
+        else:
+            self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=config.family == "gptj")
+        self.grad_checkpointing = False  # recompute each block in backward to save memory
+        self.apply(self._init_weights)   # free on the meta device; real checkpoints overwrite it
+
+    @staticmethod
+    def _init_weights(module):
+        # GPT-style N(0, 0.02) init, so the random tiny presets train sensibly
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, attention_mask=None, start_pos=0):
+        """Logits (B, T, vocab) for tokens idx (B, T).
+
+        attention_mask (B, start_pos + T), 1 for real tokens and 0 for padding, covers every
+        token so far (the cached ones too), as in Hugging Face. Positions count real tokens
+        only, so left-padded prompts get the positions they would have alone. start_pos is
+        where idx begins in the KV cache (0 without a cache).
+        """
+        B, T = idx.shape
+        length = start_pos + T
+        if attention_mask is not None and attention_mask.shape != (B, length):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, length)}")
+        if start_pos and self.layers[0].attention.cache is None:
+            raise ValueError("start_pos > 0 needs a KV cache: call setup_cache first")
+
+        if attention_mask is None:
+            positions = torch.arange(start_pos, length, device=idx.device)[None]  # (1, T)
+        else:
+            positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, start_pos:]  # (B, T)
+        cos, sin = rotary_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta)
+
+        mask = None  # plain causal attention, the common training case
+        if attention_mask is not None or start_pos > 0:
+            query_pos = torch.arange(start_pos, length, device=idx.device)[:, None]  # (T, 1)
+            key_pos = torch.arange(length, device=idx.device)[None, :]                 # (1, S)
+            mask = key_pos <= query_pos                                                # (T, S)
+            if attention_mask is not None:
+                # padding is never attended to; a pad query attends to itself so no row is empty
+                mask = mask & attention_mask.bool()[:, None, :] | (key_pos == query_pos)  # (B, T, S)
+            mask = mask[:, None] if mask.dim() == 3 else mask[None, None]              # (B|1, 1, T, S)
+
+        x = self.tok_embeddings(idx)  # (B, T, dim)
+        for layer in self.layers:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, mask, start_pos, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, start_pos)
+        return self.output(self.norm(x))
+
+    # --------------------------------------------------------------------- generation
+
+    def setup_cache(self, batch_size, max_len):
+        param = self.tok_embeddings.weight
+        for layer in self.layers:
+            layer.attention.cache = KVCache(batch_size, max_len, self.config.n_kv_heads, self.config.head_dim,
+                                            param.dtype, param.device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attention.cache = None
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, eos_id=None, pad_id=0, temperature=0.0, top_k=None,
+                 generator=None):
+        """New tokens for each prompt (a list of token-id lists of any lengths).
+
+        The prompts are left-padded into one batch, run once (prefill), then decoded one token
+        per step with the KV cache. A row stops at eos_id (which it keeps, as transformers
+        does); the loop ends when every row has stopped. temperature 0 is greedy decoding.
+        """
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("generate needs a non-empty list of non-empty prompts")
+        device = self.tok_embeddings.weight.device
+        B, prompt_len = len(prompts), max(len(p) for p in prompts)
+        idx = torch.full((B, prompt_len), pad_id, dtype=torch.long, device=device)
+        mask = torch.zeros((B, prompt_len), dtype=torch.bool, device=device)
+        for row, prompt in enumerate(prompts):
+            idx[row, prompt_len - len(prompt):] = torch.tensor(prompt, device=device)
+            mask[row, prompt_len - len(prompt):] = True
+
+        self.setup_cache(B, prompt_len + max_new_tokens)
+        try:
+            logits = self(idx, attention_mask=mask)[:, -1]  # prefill: (B, vocab)
+            new_tokens, done = [], torch.zeros(B, dtype=torch.bool, device=device)
+            for step in range(max_new_tokens):
+                token = self._pick(logits, temperature, top_k, generator)  # (B,)
+                token = torch.where(done, pad_id, token)  # finished rows only carry padding
+                new_tokens.append(token)
+                if eos_id is not None:
+                    done |= token == eos_id
+                if step == max_new_tokens - 1 or done.all():
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                logits = self(token[:, None], attention_mask=mask, start_pos=prompt_len + step)[:, -1]
+        finally:
+            self.clear_cache()
+
+        out = torch.stack(new_tokens, dim=1).tolist()  # (B, steps)
+        results = []
+        for row in out:
+            if eos_id is not None and eos_id in row:
+                row = row[: row.index(eos_id) + 1]
+            results.append(row)
+        return results
+
+    @staticmethod
+    def _pick(logits, temperature, top_k, generator):
+        if temperature == 0:
+            return logits.argmax(-1)
+        logits = logits.float() / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------- reading files
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """Tensors of a .safetensors file, memory-mapped (no copy), without the safetensors package.
+
+    The format is an 8-byte little-endian header length, a JSON header of
+    {name: {dtype, shape, data_offsets}}, then the raw bytes.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        try:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError(f"header of {header_len} bytes in a {size}-byte file")
+            header = json.loads(f.read(header_len))
+        except (struct.error, ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path} is not a valid .safetensors file ({e}): it may be truncated; "
+                                  "download it again") from None
+        # copy-on-write mapping: writable for torch, nothing is copied until written
+        buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
+    data_start = 8 + header_len
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        if info["dtype"] not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
+        if data_start + end > size:
+            raise CheckpointError(f"{path} is truncated: tensor {name} ends at byte {data_start + end} "
+                                  f"of a {size}-byte file; download it again")
+        dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+        count = (end - begin) // dtype.itemsize
+        flat = torch.frombuffer(buffer, dtype=dtype, count=count, offset=data_start + begin) if count else \
+            torch.empty(0, dtype=dtype)
+        tensors[name] = flat.view(info["shape"])
+    return tensors
+
+
+def read_weights(path):
+    """A state dict from one weights file: .safetensors, or a torch .pth/.bin (never unpickling code)."""
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:  # torch raises several types for truncated zips and forbidden pickles
+        reason = str(e).strip().splitlines()[0][:200]
+        raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {reason}): the file is truncated, "
+                              "corrupt or not plain weights; download it again") from None
+
+
+# ----------------------------------------------------------------------------- checkpoint formats
+
+def _meta_llama(folder):
+    """Meta's LLaMA download: params.json and consolidated.NN.pth model-parallel shards."""
+    params = json.loads((folder / "params.json").read_text())
+    shard_files = sorted(folder.glob("consolidated.*.pth"))
+    if not shard_files:
+        raise CheckpointError(f"{folder} has params.json but no consolidated.*.pth weights")
+    expected = [f"consolidated.{i:02d}.pth" for i in range(len(shard_files))]
+    if [f.name for f in shard_files] != expected:
+        raise CheckpointError(f"{folder}: found shards {[f.name for f in shard_files]}, expected {expected}: "
+                              "a shard is missing")
+    shards = [read_weights(f) for f in shard_files]
+
+    # Meta's FFN width: 2/3 of 4*dim, times an optional multiplier, rounded up to multiple_of
+    dim = params["dim"]
+    ffn_dim = int(2 * 4 * dim / 3)
+    if params.get("ffn_dim_multiplier"):
+        ffn_dim = int(params["ffn_dim_multiplier"] * ffn_dim)
+    multiple_of = params.get("multiple_of", 256)
+    ffn_dim = multiple_of * ((ffn_dim + multiple_of - 1) // multiple_of)
+    vocab_size = params.get("vocab_size", -1)
+    if vocab_size <= 0:  # LLaMA-1/2 params.json say -1: the embedding knows
+        vocab_size = shards[0]["tok_embeddings.weight"].shape[0]
+    config = ModelConfig(family="llama", vocab_size=vocab_size, dim=dim, n_layer=params["n_layers"],
+                         n_head=params["n_heads"], n_kv_heads=params.get("n_kv_heads") or 0, ffn_dim=ffn_dim,
+                         norm_eps=params.get("norm_eps", 1e-5), rope_theta=params.get("rope_theta", 10000.0),
+                         max_seq_len=params.get("max_seq_len", 2048))
+
+    def merged():
+        for name in shards[0]:
+            if name == "rope.freqs":  # a precomputed rotary table in LLaMA-1 files; we compute it
+                continue
+            pieces = [shard[name] for shard in shards]
+            yield name, pieces, _shard_dim(name)
+    return config, merged()
+
+
+def _shard_dim(name):
+    """The dimension along which Meta split a tensor across model-parallel shards (None: replicated)."""
+    if name.endswith("norm.weight"):
+        return None
+    if name == "tok_embeddings.weight" or name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        return 1  # the embedding is split along its width; wo, w2 are row-parallel
+    return 0      # wq, wk, wv, w1, w3 and output are column-parallel
+
+
+# Hugging Face key -> our key; "{}" is the layer index.
+_HF_LLAMA_KEYS = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.feed_forward.w3.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.attention_norm.weight",
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.ffn_norm.weight",
+}
+_HF_GPTJ_KEYS = {
+    "transformer.wte.weight": "tok_embeddings.weight",
+    "transformer.ln_f.weight": "norm.weight",
+    "transformer.ln_f.bias": "norm.bias",
+    "lm_head.weight": "output.weight",
+    "lm_head.bias": "output.bias",
+    "transformer.h.{}.ln_1.weight": "layers.{}.attention_norm.weight",
+    "transformer.h.{}.ln_1.bias": "layers.{}.attention_norm.bias",
+    "transformer.h.{}.attn.q_proj.weight": "layers.{}.attention.wq.weight",
+    "transformer.h.{}.attn.k_proj.weight": "layers.{}.attention.wk.weight",
+    "transformer.h.{}.attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "transformer.h.{}.attn.out_proj.weight": "layers.{}.attention.wo.weight",
+    "transformer.h.{}.mlp.fc_in.weight": "layers.{}.feed_forward.w1.weight",
+    "transformer.h.{}.mlp.fc_in.bias": "layers.{}.feed_forward.w1.bias",
+    "transformer.h.{}.mlp.fc_out.weight": "layers.{}.feed_forward.w2.weight",
+    "transformer.h.{}.mlp.fc_out.bias": "layers.{}.feed_forward.w2.bias",
+}
+# Buffers that old Hugging Face files carry and our model computes instead.
+_HF_DROPPED = ("rotary_emb.inv_freq", "attn.bias", "attn.masked_bias")
+
+
+def _hf_config(folder):
+    hf = json.loads((folder / "config.json").read_text())
+    kind = hf.get("model_type")
+    if kind == "llama":
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) != "default":
+            raise CheckpointError(f"{folder}: rope scaling {rope} is not supported; only plain rotary is")
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        if head_dim * hf["num_attention_heads"] != hf["hidden_size"]:
+            raise CheckpointError(f"{folder}: head_dim {head_dim} * heads != hidden_size is not supported")
+        return ModelConfig(family="llama", vocab_size=hf["vocab_size"], dim=hf["hidden_size"],
+                           n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
+                           n_kv_heads=hf.get("num_key_value_heads") or 0, ffn_dim=hf["intermediate_size"],
+                           norm_eps=hf.get("rms_norm_eps", 1e-6),
+                           rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+                           max_seq_len=hf.get("max_position_embeddings", 2048),
+                           bos_id=hf.get("bos_token_id", 1), eos_id=hf.get("eos_token_id", 2)), hf
+    if kind == "gptj":
+        return ModelConfig(family="gptj", vocab_size=hf["vocab_size"], dim=hf["n_embd"], n_layer=hf["n_layer"],
+                           n_head=hf["n_head"], ffn_dim=hf.get("n_inner") or 4 * hf["n_embd"],
+                           rotary_dim=hf.get("rotary_dim") or 0, norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                           max_seq_len=hf.get("n_positions", 2048),
+                           bos_id=hf.get("bos_token_id", 50256), eos_id=hf.get("eos_token_id", 50256)), hf
+    raise CheckpointError(f"{folder}/config.json has model_type {kind!r}: expected llama or gptj")
+
+
+def _hf_weight_files(folder):
+    for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
+                                    ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (folder / index_name).exists():
+            weight_map = json.loads((folder / index_name).read_text())["weight_map"]
+            files = [folder / name for name in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.exists()]
+            if missing:
+                raise CheckpointError(f"{folder}/{index_name} lists {', '.join(missing)}, which are missing: "
+                                      "download every shard")
+            return files
+        if (folder / single_name).exists():
+            return [folder / single_name]
+    raise CheckpointError(f"{folder} has config.json but no weights: expected model.safetensors or "
+                          "pytorch_model.bin (or a sharded index of them)")
+
+
+def _hf_model(folder):
+    """A Hugging Face LLaMA or GPT-J folder: config.json and .safetensors or .bin weights."""
+    config, hf = _hf_config(folder)
+    templates = _HF_LLAMA_KEYS if config.family == "llama" else _HF_GPTJ_KEYS
+    state = {}
+    for file in _hf_weight_files(folder):
+        state.update(read_weights(file))
+    if config.family == "llama" and "lm_head.weight" not in state and hf.get("tie_word_embeddings"):
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+
+    def renamed():
+        for hf_name, tensor in state.items():
+            if hf_name.endswith(_HF_DROPPED):
+                continue
+            name = _rename(hf_name, templates)
+            if name is None:
+                raise CheckpointError(f"{folder}: unexpected tensor {hf_name} in a {config.family} checkpoint")
+            if config.family == "llama" and name.endswith(("attention.wq.weight", "attention.wk.weight")):
+                heads = config.n_head if name.endswith("wq.weight") else config.n_kv_heads
+                tensor = _unpermute(tensor, heads)
+            yield name, [tensor], None
+    return config, renamed()
+
+
+def _rename(hf_name, templates):
+    parts = hf_name.split(".")
+    numbers = [p for p in parts if p.isdigit()]
+    template = ".".join("{}" if p.isdigit() else p for p in parts)
+    if template not in templates:
+        return None
+    return templates[template].format(*numbers)
+
+
+def _unpermute(weight, n_heads):
+    """Undo Hugging Face's per-head q/k row permutation (rotate-half back to interleaved pairs)."""
+    out_dim, in_dim = weight.shape
+    head_dim = out_dim // n_heads
+    # HF rows of a head are [evens..., odds...]; Meta's are [e0, o0, e1, o1, ...]
+    return weight.view(n_heads, 2, head_dim // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_checkpoint(path, name=None, device="cpu", dtype=None):
+    """The model in a checkpoint folder (Meta's LLaMA download, or Hugging Face LLaMA / GPT-J).
+
+    The config comes from the folder's own params.json or config.json; when `name` names a
+    preset, the shapes must agree with it. The model is built on the meta device and the
+    memory-mapped tensors are assigned one by one (converted to `device` and `dtype`, the
+    checkpoint's own dtype by default), so the weights are never held twice in memory.
+    """
+    folder = Path(path)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} not found: pass the folder that holds params.json "
+                              "(Meta) or config.json (Hugging Face)")
+    if (folder / "params.json").exists():
+        config, tensors = _meta_llama(folder)
+    elif (folder / "config.json").exists():
+        config, tensors = _hf_model(folder)
+    else:
+        raise CheckpointError(f"{folder} is no checkpoint folder: expected params.json + consolidated.*.pth "
+                              "(Meta's LLaMA) or config.json + weights (Hugging Face)")
+    if name is not None:
+        check_against_preset(config, name, folder)
+
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state = {}
+    for key, pieces, dim in tensors:
+        if key not in expected:
+            raise CheckpointError(f"{folder}: unexpected tensor {key}: is this a {config.family} checkpoint?")
+        if dtype is None:  # the checkpoint's own dtype, taken from the first tensor, for every tensor
+            dtype = pieces[0].dtype
+        pieces = [p.to(device=device, dtype=dtype) for p in pieces]
+        tensor = pieces[0] if dim is None or len(pieces) == 1 else torch.cat(pieces, dim=dim)
+        if tensor.shape != expected[key]:
+            raise CheckpointError(f"{folder}: tensor {key} has shape {tuple(tensor.shape)} but the config gives "
+                                  f"{tuple(expected[key])}: the weights do not match params.json/config.json")
+        state[key] = tensor
+    missing = [k for k in expected if k not in state]
+    if missing:
+        raise CheckpointError(f"{folder}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}: "
+                              "is a weights file missing?")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def check_against_preset(config, name, where="checkpoint"):
+    """Raise CheckpointError when `config` does not have the shapes of the preset `name`."""
+    preset = ModelConfig.from_name(name)
+    for field in SHAPE_FIELDS:
+        found, wanted = getattr(config, field), getattr(preset, field)
+        if found != wanted:
+            # name the preset the weights do fit, when there is one
+            fits = [other for other in PRESETS if all(getattr(config, f) == getattr(ModelConfig.from_name(other), f)
+                                                     for f in SHAPE_FIELDS)]
+            hint = f"these are {fits[0]} weights" if fits else f"is this the folder of {name}?"
+            raise CheckpointError(f"{where}: checkpoint {field} {found} != {name} {field} {wanted}: {hint}")
