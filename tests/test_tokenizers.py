@@ -1,0 +1,264 @@
+"""Our tokenizers against the references: Hugging Face / `tokenizers` for GPT-2's byte-level
+BPE, sentencepiece itself for LLaMA, with the real vocabularies in ../shared/data."""
+import json
+import random
+import shutil
+import unicodedata
+
+import pytest
+import sentencepiece
+
+from conftest import shared_path
+from data import (BPETokenizer, ByteTokenizer, DataError, SentencePieceTokenizer, bytes_to_unicode,
+                  generate_prompt, gpt2_pretokenizer, load_tokenizer)
+
+
+# Texts chosen for the places where a GPT-2 tokenizer usually goes wrong.
+CORPUS = [
+    "Hello world", "", " ", "  ", "\n", "\n\n  \n", "a\n\nb", "trailing spaces   ", "   leading",
+    "tabs\tand\t\ttabs", "x \t y", "line\r\nbreak", "mixed \n\t \n end", "one  two   three    four",
+    "it's", "they're we've I'm you'll he'd don't", "IT'S THEY'RE I'M", "O'Neil's", "'s 't", "it’s curly’s",
+    "1,000.50", "3.14159", "2024-01-02", "x²+y½ Ⅻ ⅷ ① ٣ ५ 〇", "version 1.2.3-beta+exp", "-42 +7 1e-9",
+    "café naïve résumé", unicodedata.normalize("NFD", "café naïve résumé"), "Ångström Øre ß ẞ",
+    "e\u0301 a\u0308\u0323 n\u0303", "日本語のテキスト、中文字符。한국어 문장", "全角　スペース",
+    "emoji 😀🎉 👍🏽 👨‍👩‍👧‍👦 🏳️‍🌈 🇫🇷🇯🇵", "مرحبا بالعالم", "שלום עולם", "नमस्ते दुनिया", "สวัสดีชาวโลก",
+    "Привет, мир!", "Γειά σου Κόσμε", "control\x00\x01\x1c\x1d\x1e\x1f\x7f chars", "nbsp\u00a0here",
+    "zero\u200bwidth\u200djoiner\u2060", "line\u2028sep\u2029para", "ogham\u1680space", "\u3000ideographic",
+    "tab\x0bvt\x0cff", "next\x85line", "___ --- *** !!! ??? ...", "<|endoftext|> is text here", "a<|endoftext|>b",
+    "```python\ndef f(x):\n    return x  # comment\n```", "{\"json\": [1, 2.5, null]}", "https://example.com/a?b=c&d=e",
+]
+RANDOM_SEED = 1234
+
+
+def random_texts(n, rng):
+    """Strings spliced from pieces of the corpus and odd characters, so that they meet in new ways."""
+    pieces = [p for text in CORPUS for p in text.split(" ")] + [" ", "  ", "\n", "'", "’", "\u0301", "\u200d", "\x1c"]
+    return ["".join(rng.choice(pieces) + rng.choice(["", " ", "  ", "\n", "'s", "1"])
+                    for _ in range(rng.randint(1, 12))) for _ in range(n)]
+
+
+def llm_adapters_texts():
+    """Real prompts: a few items of every shared LLM-Adapters file, in the training format."""
+    texts = []
+    for path in sorted(shared_path("llm-adapters", "dataset").glob("*/test.json")):
+        for item in json.loads(path.read_text())[:3]:
+            texts.append(generate_prompt(item["instruction"], item["input"], item["output"]))
+    return texts
+
+
+@pytest.fixture(scope="module")
+def transformers():
+    return pytest.importorskip("transformers")  # only the comparisons need it
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder():
+    return shared_path("gpt2-tokenizer")
+
+
+@pytest.fixture(scope="module")
+def gpt2_reference(gpt2_folder, transformers):
+    reference = transformers.GPT2TokenizerFast.from_pretrained(str(gpt2_folder))
+    # the reference itself must be the real GPT-2 vocabulary, or the comparisons prove nothing
+    assert reference.encode("Hello world") == [15496, 995]
+    return reference
+
+
+@pytest.fixture(scope="module")
+def gpt2_ours(gpt2_folder):
+    return BPETokenizer(gpt2_folder)
+
+
+def assert_same_ids(ours, reference, texts, round_trip=True):
+    for text in texts:
+        ids = ours.encode(text)
+        assert ids == reference.encode(text, add_special_tokens=False), repr(text)
+        assert ours.decode(ids) == text or not round_trip, repr(text)
+        assert ours.decode(ids) == reference.decode(ids, clean_up_tokenization_spaces=False), repr(text)
+
+
+# -----------------------------------------------------------------------------
+# GPT-2 byte-level BPE
+
+def test_gpt2_bpe_matches_reference(gpt2_ours, gpt2_reference):
+    assert gpt2_ours.encode("Hello world") == [15496, 995]
+    assert (gpt2_ours.vocab_size, gpt2_ours.eos_id, gpt2_ours.bos_id, gpt2_ours.pad_id) == (50257, 50256, 50256, 50256)
+    assert gpt2_ours.add_bos is False and gpt2_ours.encode("hi", eos=True)[-1] == 50256
+    texts = CORPUS + llm_adapters_texts() + random_texts(300, random.Random(RANDOM_SEED))
+    assert_same_ids(gpt2_ours, gpt2_reference, texts)
+
+
+def test_gpt2_pretokenizer_classifies_every_character_like_reference(gpt2_reference):
+    # Each character sits between a letter and a digit, so where the words split tells
+    # whether the character is a letter, a number, whitespace or other. We take every
+    # character whose category differs from a neighbour's (the edges of each Unicode
+    # run) plus every 11th one, leaving out unassigned, private-use and surrogate points.
+    categories = [unicodedata.category(chr(code)) for code in range(0x110000)] + ["Cn"]
+    codes = [code for code in range(0x110000) if categories[code] not in ("Cn", "Co", "Cs") and
+             (code % 11 == 0 or not categories[code - 1] == categories[code] == categories[code + 1])]
+    text = "".join("a" + chr(code) + "1." for code in codes)
+    byte_to_char = bytes_to_unicode()
+    ours = ["".join(byte_to_char[b] for b in word.encode("utf-8")) for word in gpt2_pretokenizer().findall(text)]
+    reference = [word for word, _ in gpt2_reference.backend_tokenizer.pre_tokenizer.pre_tokenize_str(text)]
+    assert ours == reference
+
+
+def test_gpt2_tricky_characters_one_by_one(gpt2_ours, gpt2_reference):
+    # \x1c-\x1f are whitespace to Python's \s but not to Unicode; ² ½ Ⅻ are numbers not \d
+    tricky = "²½Ⅻ٣\u0301\u0903\x1c\x1d\x1e\x1f\xa0\u3000\u2003\u200b\u200d\u2060\ufeff_"
+    texts = [f"{left}{c}{right}" for c in tricky for left, right in [("a", "b"), (" ", " "), ("1", "2"), ("", "  x")]]
+    assert_same_ids(gpt2_ours, gpt2_reference, texts)
+
+
+def write_gptj_folder(folder, gpt2_folder):
+    """GPT-J's hub layout: GPT-2's files, 143 added <|extratoken_i|> (ids 50257..50399)."""
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(gpt2_folder / name, folder / name)
+    extra = {f"<|extratoken_{i}|>": 50256 + i for i in range(1, 144)}
+    (folder / "added_tokens.json").write_text(json.dumps(extra))
+    config = dict(bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
+                  add_prefix_space=False, model_max_length=2048, tokenizer_class="GPT2Tokenizer")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+
+
+ADDED_TOKEN_TEXTS = [
+    "<|extratoken_1|>", "a<|extratoken_1|>b", "a <|extratoken_12|> b", "x  <|extratoken_2|>\n\ny",
+    "<|endoftext|><|extratoken_143|><|extratoken_14|>", "<|extratoken_1|><|extratoken_10|><|extratoken_100|>",
+    "<|extratoken_144|> is not one", "half <|extratoken_ 1|> and <|endoftext|", "é<|extratoken_5|>日本",
+]
+
+
+def test_gptj_added_tokens_match_reference(tmp_path, gpt2_folder, transformers):
+    write_gptj_folder(tmp_path, gpt2_folder)
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ours = load_tokenizer(tmp_path)
+    assert isinstance(ours, BPETokenizer)
+    assert ours.vocab_size == len(reference) == 50400
+    assert ours.encode("<|extratoken_143|>") == [50399]
+    assert_same_ids(ours, reference, ADDED_TOKEN_TEXTS + CORPUS[:20])
+
+
+def test_added_token_flags_as_transformers_saves_them(tmp_path, gpt2_folder, transformers):
+    # transformers 5 saves tokenizer.json + tokenizer_config.json; vocab.json and merges.txt come from GPT-2
+    AddedToken = transformers.AddedToken
+    source = transformers.GPT2TokenizerFast.from_pretrained(str(gpt2_folder))
+    source.add_tokens([AddedToken("<L>", lstrip=True), AddedToken("<R>", rstrip=True),
+                       AddedToken("<LR>", lstrip=True, rstrip=True), AddedToken("[W]", single_word=True),
+                       AddedToken("abc", normalized=False), AddedToken("xt|>"), AddedToken("<|extra|>"),
+                       AddedToken("<x>"), AddedToken("<x><y>")])
+    special = AddedToken("<sp>", lstrip=True, rstrip=True, normalized=False)
+    source.add_special_tokens({"additional_special_tokens": [special]})
+    source.save_pretrained(str(tmp_path))
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(gpt2_folder / name, tmp_path / name)
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ours = BPETokenizer(tmp_path)
+    texts = ["x <L> y", "x  <R>  y", " \t<LR>\n z", "a[W]b", "a [W] b", "[W]", "xabcx ab", "q <sp>  r",
+             "te<|endoftext|>xt|>", "\u3000<L>\u00a0<R>\u2003", "<L><L>  <R>   <R>", "<|extra|><|endoftext|>",
+             "<x><y><x> <x><y>"]  # the longest added token wins
+    # tokens that strip whitespace lose it: decode can only agree with the reference
+    assert_same_ids(ours, reference, texts, round_trip=False)
+
+
+def test_added_tokens_from_tokenizer_config(tmp_path, gpt2_folder, transformers):
+    # the transformers 4 layout: flags in tokenizer_config.json's added_tokens_decoder
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(gpt2_folder / name, tmp_path / name)
+    flags = dict(single_word=False, special=False)
+    decoder = {"50256": dict(content="<|endoftext|>", lstrip=False, rstrip=False, normalized=False, **flags),
+               "50257": dict(content="<|x|>", lstrip=True, rstrip=True, normalized=False, **flags)}
+    config = dict(tokenizer_class="GPT2Tokenizer", added_tokens_decoder=decoder)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    texts = ["a <|x|> b", "a<|x|>b", " <|x|><|endoftext|> "]
+    assert_same_ids(BPETokenizer(tmp_path), reference, texts, round_trip=False)
+
+
+def test_bpe_trained_by_tokenizers_library(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    reference = tokenizers.Tokenizer(models.BPE())
+    reference.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    reference.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    rng = random.Random(RANDOM_SEED)
+    reference.train_from_iterator(CORPUS[::2] * 5 + random_texts(400, rng), trainer)
+    reference.model.save(str(tmp_path))  # vocab.json + merges.txt
+    ours = BPETokenizer(tmp_path)
+    assert len(ours.merge_rank) > 100  # it really learned merges
+    for text in CORPUS[1::2] + random_texts(200, rng) + ["x<|endoftext|>y"]:  # held out
+        ids = ours.encode(text)
+        assert ids == reference.encode(text).ids, repr(text)
+        assert ours.decode(ids) == text
+
+
+# -----------------------------------------------------------------------------
+# sentencepiece (LLaMA)
+
+@pytest.fixture(scope="module")
+def spm_file():
+    return shared_path("spm-tokenizer", "tokenizer.model")
+
+
+def test_sentencepiece_matches_sentencepiece(spm_file):
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(spm_file))
+    ours = SentencePieceTokenizer(spm_file)
+    assert (ours.bos_id, ours.eos_id) == (reference.bos_id(), reference.eos_id()) == (1, 2)
+    assert ours.vocab_size == reference.get_piece_size() == 32000
+    assert ours.pad_id == 0 and reference.pad_id() == -1  # no pad piece: LLM-Adapters pads with 0
+    texts = CORPUS + llm_adapters_texts() + random_texts(100, random.Random(RANDOM_SEED))
+    for text in texts:
+        ids = ours.encode(text)
+        assert ids == [reference.bos_id()] + reference.encode(text), repr(text)
+        assert ours.encode(text, bos=False, eos=True) == reference.encode(text) + [reference.eos_id()]
+        assert ours.decode(ids) == reference.decode(reference.encode(text))
+    for text in llm_adapters_texts() + ["café 日本語 😀 Привет", "a\n\nb"]:
+        assert ours.decode(ours.encode(text, eos=True)) == text
+
+
+def test_sentencepiece_matches_transformers_llama_where_it_agrees(tmp_path, spm_file, transformers):
+    # transformers 5 converts tokenizer.model into a merges-based BPE; it splits runs of
+    # spaces differently ("x  y") and parses "</s>" in text as EOS, while Meta's LLaMA code
+    # (and ours) uses sentencepiece itself. On plain single-spaced text the two must agree.
+    shutil.copy(spm_file, tmp_path / "tokenizer.model")
+    reference = transformers.LlamaTokenizerFast.from_pretrained(str(tmp_path))
+    ours = load_tokenizer(tmp_path)
+    texts = ["Hello world", "The answer is 42.", "Übergröße café naïve", "Question: how many apples? Answer: 7",
+             "a\n\nb"] + [t for t in llm_adapters_texts() if "  " not in t]
+    for text in texts:
+        assert ours.encode(text, bos=False) == reference.encode(text, add_special_tokens=False), repr(text)
+
+
+# -----------------------------------------------------------------------------
+# bytes, and picking the tokenizer of a folder
+
+def test_byte_tokenizer_round_trip():
+    tokenizer = ByteTokenizer()
+    text = "naïve 日本語 😀\n\x00"
+    ids = tokenizer.encode(text, eos=True)
+    assert ids == [1] + [3 + b for b in text.encode("utf-8")] + [2]
+    assert tokenizer.decode(ids) == text
+    assert tokenizer.decode([0, 0] + ids) == text  # pads, bos and eos are not text
+    assert tokenizer.vocab_size == 259 and max(ids) < tokenizer.vocab_size
+
+
+def test_load_tokenizer_picks_by_files(tmp_path, spm_file, gpt2_folder):
+    assert isinstance(load_tokenizer(gpt2_folder), BPETokenizer)
+    shutil.copy(spm_file, tmp_path / "tokenizer.model")
+    assert isinstance(load_tokenizer(tmp_path), SentencePieceTokenizer)
+    (tmp_path / "7B").mkdir()  # Meta's layout: llama/tokenizer.model beside llama/7B/
+    assert isinstance(load_tokenizer(tmp_path / "7B"), SentencePieceTokenizer)
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(DataError) as missing:
+        load_tokenizer(tmp_path / "nowhere")
+    assert "nowhere" in str(missing.value) and "not found" in str(missing.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError) as empty:
+        load_tokenizer(tmp_path / "empty")
+    message = str(empty.value)
+    assert "empty" in message and "tokenizer.model" in message and "vocab.json" in message
+    for error in (missing.value, empty.value):
+        assert "\n" not in str(error)
