@@ -221,11 +221,15 @@ class Transformer(nn.Module):
 
     @staticmethod
     def _init_weights(module):
-        # GPT-style N(0, 0.02) init, so the random tiny presets train sensibly
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+        # Random weights only matter for the tiny presets, whose base stays frozen: unit-variance
+        # activations (std fan_in^-0.5) let their adapters reach confident predictions, which a
+        # GPT-style std of 0.02 in a 128-wide model cannot (its logits stay within about +-3).
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=module.in_features ** -0.5)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=1.0)
 
     def forward(self, idx, attention_mask=None, start_pos=0):
         """Logits (B, T, vocab) for tokens idx (B, T).
@@ -289,6 +293,8 @@ class Transformer(nn.Module):
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs a non-empty list of non-empty prompts")
+        if max_new_tokens <= 0:
+            return [[] for _ in prompts]
         device = self.tok_embeddings.weight.device
         B, prompt_len = len(prompts), max(len(p) for p in prompts)
         idx = torch.full((B, prompt_len), pad_id, dtype=torch.long, device=device)
@@ -322,6 +328,14 @@ class Transformer(nn.Module):
             results.append(row)
         return results
 
+    def generate_batches(self, prompts, batch_size, max_new_tokens, **kwargs):
+        """Generate for many prompts, longest first in batches of batch_size (similar lengths pad
+        little); yields (prompt indices, their new tokens) as each batch finishes."""
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        for start in range(0, len(order), batch_size):
+            chosen = order[start:start + batch_size]
+            yield chosen, self.generate([prompts[i] for i in chosen], max_new_tokens, **kwargs)
+
     @staticmethod
     def _pick(logits, temperature, top_k, generator):
         if temperature == 0:
@@ -353,6 +367,10 @@ def read_safetensors(path):
             if header_len > size - 8:
                 raise ValueError(f"header of {header_len} bytes in a {size}-byte file")
             header = json.loads(f.read(header_len))
+            if not isinstance(header, dict) or not all(
+                    isinstance(v, dict) and {"dtype", "shape", "data_offsets"} <= v.keys()
+                    for k, v in header.items() if k != "__metadata__"):
+                raise ValueError("the header does not describe tensors")
         except (struct.error, ValueError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path} is not a valid .safetensors file ({e}): it may be truncated; "
                                   "download it again") from None
@@ -382,7 +400,13 @@ def read_weights(path):
     if path.suffix == ".safetensors":
         return read_safetensors(path)
     try:
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+            # a file in torch's pre-1.6 format cannot be memory-mapped: read it whole
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for truncated zips and forbidden pickles
         reason = str(e).strip().splitlines()[0][:200]
         raise CheckpointError(f"cannot read {path} ({type(e).__name__}: {reason}): the file is truncated, "
@@ -402,6 +426,10 @@ def _meta_llama(folder):
         raise CheckpointError(f"{folder}: found shards {[f.name for f in shard_files]}, expected {expected}: "
                               "a shard is missing")
     shards = [read_weights(f) for f in shard_files]
+    for file, shard in zip(shard_files[1:], shards[1:]):
+        if shard.keys() != shards[0].keys():
+            raise CheckpointError(f"{file} holds other tensors than {shard_files[0].name}: the shards do not belong "
+                                  "together")
 
     # Meta's FFN width: 2/3 of 4*dim, times an optional multiplier, rounded up to multiple_of
     dim = params["dim"]
@@ -419,6 +447,11 @@ def _meta_llama(folder):
                          max_seq_len=params.get("max_seq_len", 2048))
 
     def merged():
+        # every shard holds a 1/n slice of the embedding's width: a missing last shard shows here
+        width = shards[0]["tok_embeddings.weight"].shape[1] * len(shards)
+        if width != dim:
+            raise CheckpointError(f"{folder}: {len(shards)} shard(s) give an embedding width of {width} but "
+                                  f"params.json says dim {dim}: is a shard missing?")
         for name in shards[0]:
             if name == "rope.freqs":  # a precomputed rotary table in LLaMA-1 files; we compute it
                 continue
@@ -601,6 +634,19 @@ def load_checkpoint(path, name=None, device="cpu", dtype=None):
                               "is a weights file missing?")
     model.load_state_dict(state, strict=True, assign=True)
     return model
+
+
+def load_model(name, checkpoint_dir=None, device="cpu", dtype=None, seed=0):
+    """The preset `name`: random weights (seeded) for the tiny presets, else the checkpoint in checkpoint_dir."""
+    config = ModelConfig.from_name(name)
+    if not name.startswith("tiny"):
+        if checkpoint_dir is None:
+            raise CheckpointError(f"{name} needs its weights: pass --checkpoint_dir (see the README: Weights)")
+        return load_checkpoint(checkpoint_dir, name=name, device=device, dtype=dtype)
+    with torch.random.fork_rng(devices=[]):  # the same weights on every machine, the caller's RNG untouched
+        torch.manual_seed(seed)
+        model = Transformer(config)
+    return model.to(device=device, dtype=dtype)
 
 
 def check_against_preset(config, name, where="checkpoint"):

@@ -1,0 +1,532 @@
+"""model.py against Hugging Face transformers, on tiny random models saved to disk.
+
+Each tiny LlamaForCausalLM / GPTJForCausalLM is saved the way transformers saves it (and
+rewritten by these tests in Meta's consolidated.NN.pth layout and in the older .bin
+layouts), loaded back through `load_checkpoint`, and compared with transformers itself:
+logits within 1e-5 in fp32, greedy tokens exactly, with and without left padding and a
+KV cache. Parameter counts on the meta device are compared with the published model
+sizes and with transformers' own models. Bad folders must give one-line CheckpointErrors.
+"""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import GPTJConfig, GPTJForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from model import CheckpointError, ModelConfig, Transformer, load_checkpoint
+
+VOCAB = 300        # even, so Meta's model-parallel split of `output` is exact
+DIM, N_LAYER, N_HEAD = 64, 2, 4
+MULTIPLE_OF = 32   # Meta's rule: 32 * ceil(int(2/3 * 4 * 64) / 32) = 32 * ceil(170 / 32) = 192
+FFN_DIM = 192
+NORM_EPS = 1e-6
+KINDS = ["llama", "llama-gqa", "gptj"]
+
+
+# ----------------------------------------------------------------------------- reference models
+
+def randomize_(hf_model):
+    """Random norm weights and biases (transformers initialises them to 1 and 0), so that a
+    swapped norm or a dropped bias changes the logits."""
+    with torch.no_grad():
+        for name, param in hf_model.named_parameters():
+            if param.dim() == 1:
+                base = 1.0 if name.endswith("weight") else 0.0
+                param.copy_(base + 0.2 * torch.randn_like(param))
+    return hf_model.eval()
+
+
+def tiny_hf_model(kind):
+    torch.manual_seed({"llama": 0, "llama-gqa": 1, "gptj": 2}[kind])
+    if kind == "gptj":
+        # rotary_dim 8 < head_dim 16: the partial rotary is exercised; bos/eos inside the vocab
+        config = GPTJConfig(vocab_size=VOCAB, n_embd=DIM, n_layer=N_LAYER, n_head=N_HEAD, rotary_dim=8,
+                            n_positions=128, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                            initializer_range=0.1)
+        return randomize_(GPTJForCausalLM(config))
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=FFN_DIM, num_hidden_layers=N_LAYER,
+                         num_attention_heads=N_HEAD, num_key_value_heads=2 if kind == "llama-gqa" else N_HEAD,
+                         max_position_embeddings=128, rms_norm_eps=NORM_EPS, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0, initializer_range=0.1, tie_word_embeddings=False)
+    return randomize_(LlamaForCausalLM(config))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """kind -> (transformers model, folder it was saved to with save_pretrained), built once."""
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            hf_model = tiny_hf_model(kind)
+            folder = tmp_path_factory.mktemp(kind)
+            hf_model.save_pretrained(folder)
+            cache[kind] = hf_model, folder
+        return cache[kind]
+    return get
+
+
+@pytest.fixture(scope="module")
+def loaded(saved):
+    """kind -> (transformers model, our model loaded from its folder)."""
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            hf_model, folder = saved(kind)
+            cache[kind] = hf_model, load_checkpoint(folder).eval()
+        return cache[kind]
+    return get
+
+
+def random_tokens(batch, length, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=generator)  # no pad/bos/eos ids
+
+
+@torch.no_grad()
+def hf_logits(hf_model, idx, **kwargs):
+    return hf_model(idx, **kwargs).logits
+
+
+@torch.no_grad()
+def hf_greedy(hf_model, prompt, max_new_tokens=20, **kwargs):
+    """transformers' greedy tokens after a (1, T) or left-padded (B, T) prompt."""
+    kwargs.setdefault("eos_token_id", None)
+    out = hf_model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, **kwargs)
+    return out[:, prompt.shape[1]:].tolist()
+
+
+def assert_logits_equal(ours, reference, atol=1e-5):
+    torch.testing.assert_close(ours, reference, atol=atol, rtol=0)
+
+
+# ----------------------------------------------------------------------------- writing other layouts
+
+def hf_permute(w, n_heads):
+    """transformers' convert_llama_weights_to_hf permute: Meta's interleaved q/k rows -> rotate-half."""
+    dim1, dim2 = w.shape
+    return w.view(n_heads, dim1 // n_heads // 2, 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def meta_unpermute(w, n_heads):
+    """The inverse of hf_permute: within each head, rows [evens..., odds...] -> [e0, o0, e1, o1, ...]."""
+    dim1, dim2 = w.shape
+    return w.view(n_heads, 2, dim1 // n_heads // 2, dim2).transpose(1, 2).reshape(dim1, dim2)
+
+
+def meta_state_dict(hf_model):
+    """The tiny HF LLaMA's weights under Meta's names and q/k layout, with LLaMA-1's rope.freqs."""
+    config, hf = hf_model.config, hf_model.state_dict()
+    head_dim = config.hidden_size // config.num_attention_heads
+    state = {"tok_embeddings.weight": hf["model.embed_tokens.weight"], "norm.weight": hf["model.norm.weight"],
+             "output.weight": hf["lm_head.weight"]}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        state.update({
+            f"layers.{i}.attention.wq.weight": meta_unpermute(hf[p + "self_attn.q_proj.weight"],
+                                                              config.num_attention_heads),
+            f"layers.{i}.attention.wk.weight": meta_unpermute(hf[p + "self_attn.k_proj.weight"],
+                                                              config.num_key_value_heads),
+            f"layers.{i}.attention.wv.weight": hf[p + "self_attn.v_proj.weight"],
+            f"layers.{i}.attention.wo.weight": hf[p + "self_attn.o_proj.weight"],
+            f"layers.{i}.feed_forward.w1.weight": hf[p + "mlp.gate_proj.weight"],
+            f"layers.{i}.feed_forward.w2.weight": hf[p + "mlp.down_proj.weight"],
+            f"layers.{i}.feed_forward.w3.weight": hf[p + "mlp.up_proj.weight"],
+            f"layers.{i}.attention_norm.weight": hf[p + "input_layernorm.weight"],
+            f"layers.{i}.ffn_norm.weight": hf[p + "post_attention_layernorm.weight"],
+        })
+    state["rope.freqs"] = 1.0 / 10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    return state
+
+
+def meta_split_dim(name):
+    """How Meta's model-parallel layers split a tensor: None = replicated in every shard."""
+    if name.endswith("norm.weight") or name == "rope.freqs":
+        return None
+    if name == "tok_embeddings.weight" or name.endswith(("wo.weight", "w2.weight")):
+        return 1  # ParallelEmbedding splits the width; RowParallelLinear splits the input
+    return 0      # ColumnParallelLinear: wq, wk, wv, w1, w3, output
+
+
+def write_meta(folder, hf_model, n_shards):
+    """A Meta LLaMA download: params.json and n_shards consolidated.NN.pth model-parallel files."""
+    folder.mkdir()
+    config = hf_model.config
+    params = {"dim": config.hidden_size, "multiple_of": MULTIPLE_OF, "n_heads": config.num_attention_heads,
+              "n_layers": config.num_hidden_layers, "norm_eps": config.rms_norm_eps, "vocab_size": -1}
+    if config.num_key_value_heads != config.num_attention_heads:
+        params["n_kv_heads"] = config.num_key_value_heads  # as Llama-2-70B's params.json
+    (folder / "params.json").write_text(json.dumps(params))
+    state = meta_state_dict(hf_model)
+    for rank in range(n_shards):
+        shard = {}
+        for name, tensor in state.items():
+            dim = meta_split_dim(name)
+            shard[name] = tensor.clone() if dim is None else tensor.chunk(n_shards, dim=dim)[rank].clone()
+        torch.save(shard, folder / f"consolidated.{rank:02d}.pth")
+    return folder
+
+
+def write_bin(folder, state, n_shards):
+    """Old transformers layout: pytorch_model.bin, or shards with pytorch_model.bin.index.json."""
+    if n_shards == 1:
+        torch.save(state, folder / "pytorch_model.bin")
+        return
+    names, weight_map = list(state), {}
+    for i in range(n_shards):
+        file = f"pytorch_model-{i + 1:05d}-of-{n_shards:05d}.bin"
+        part = names[i::n_shards]
+        torch.save({name: state[name] for name in part}, folder / file)
+        weight_map.update({name: file for name in part})
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": weight_map}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+
+
+def copy_config(source, folder):
+    folder.mkdir()
+    shutil.copy(source / "config.json", folder / "config.json")
+    return folder
+
+
+def check_error(fragments, *args, **kwargs):
+    """load_checkpoint(*args) raises a one-line CheckpointError containing every fragment."""
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+# ----------------------------------------------------------------------------- parity with transformers
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_logits_match_transformers(loaded, kind):
+    hf_model, model = loaded(kind)
+    idx = random_tokens(4, 12)
+    with torch.no_grad():
+        assert_logits_equal(model(idx), hf_logits(hf_model, idx))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_tokens_match_transformers(loaded, kind):
+    hf_model, model = loaded(kind)
+    for seed in range(2):
+        prompt = random_tokens(1, 6, seed=seed)
+        expected = hf_greedy(hf_model, prompt)[0]
+        assert len(expected) == 20 and len(set(expected)) > 1  # nothing stopped early, not one token
+        assert model.generate(prompt.tolist(), 20) == [expected]
+
+
+def left_padded(rows):
+    """A left-padded (B, T) batch with pad id 0 and its attention mask, from token lists."""
+    length = max(len(r) for r in rows)
+    idx = torch.zeros(len(rows), length, dtype=torch.long)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        idx[i, length - len(row):] = torch.tensor(row)
+        mask[i, length - len(row):] = 1
+    return idx, mask
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_left_padded_batch_matches_transformers(loaded, kind):
+    hf_model, model = loaded(kind)
+    full = random_tokens(3, 9, seed=3)
+    rows = [full[0, :9].tolist(), full[1, :4].tolist(), full[2, :6].tolist()]
+    idx, mask = left_padded(rows)
+    with torch.no_grad():
+        logits = model(idx, attention_mask=mask)
+    for i, row in enumerate(rows):
+        # each real token's logits are those of the row run alone, unpadded, by transformers
+        alone = hf_logits(hf_model, torch.tensor([row]))[0]
+        assert_logits_equal(logits[i, mask[i].bool()], alone)
+    # and transformers' own left-padded batched generation gives the same tokens
+    expected = hf_greedy(hf_model, idx, attention_mask=mask)
+    assert model.generate(rows, 20) == expected
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_generation_stops_at_eos_like_transformers(loaded, kind):
+    hf_model, model = loaded(kind)
+    rows = [random_tokens(1, 5, seed=4)[0].tolist(), random_tokens(1, 8, seed=5)[0].tolist()]
+    free = hf_greedy(hf_model, torch.tensor([rows[0]]))[0]
+    eos = next(t for t in free[3:] if t not in free[:3])  # a token row 0 first makes at step >= 3
+    idx, mask = left_padded(rows)
+    expected = hf_greedy(hf_model, idx, attention_mask=mask, eos_token_id=eos)
+    expected = [row[: row.index(eos) + 1] if eos in row else row for row in expected]  # drop HF's padding
+    assert expected[0][-1] == eos and len(expected[0]) < 20
+    assert model.generate(rows, 20, eos_id=eos) == expected
+
+
+# ----------------------------------------------------------------------------- other checkpoint layouts
+
+def test_inverse_permutation_in_this_file_is_right():
+    w = torch.randn(32, 8)
+    assert torch.equal(hf_permute(meta_unpermute(w, 2), 2), w)
+    assert not torch.equal(meta_unpermute(w, 2), w)
+
+
+@pytest.mark.parametrize("n_shards", [1, 2])
+@pytest.mark.parametrize("kind", ["llama", "llama-gqa"])
+def test_meta_checkpoint_matches_transformers(saved, tmp_path, kind, n_shards):
+    hf_model, _ = saved(kind)
+    folder = write_meta(tmp_path / "meta", hf_model, n_shards)
+    model = load_checkpoint(folder)
+    assert model.config.ffn_dim == FFN_DIM and model.config.vocab_size == VOCAB
+    idx = random_tokens(3, 10)
+    with torch.no_grad():
+        assert_logits_equal(model(idx), hf_logits(hf_model, idx))
+
+
+@pytest.mark.parametrize("layout", ["safetensors-sharded", "bin", "bin-sharded"])
+def test_hf_file_layouts_match_transformers(saved, tmp_path, layout):
+    hf_model, source = saved("llama")
+    folder = tmp_path / layout
+    if layout == "safetensors-sharded":
+        hf_model.save_pretrained(folder, max_shard_size="100KB")
+        assert (folder / "model.safetensors.index.json").exists()
+        assert len(list(folder.glob("model-*.safetensors"))) > 1
+    else:
+        copy_config(source, folder)
+        write_bin(folder, hf_model.state_dict(), n_shards=1 if layout == "bin" else 3)
+        assert not list(folder.glob("*.safetensors"))
+    idx = random_tokens(2, 10)
+    with torch.no_grad():
+        assert_logits_equal(load_checkpoint(folder)(idx), hf_logits(hf_model, idx))
+
+
+def test_bfloat16_load(saved):
+    hf_model, folder = saved("llama")
+    model = load_checkpoint(folder, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.equal(model.tok_embeddings.weight, hf_model.model.embed_tokens.weight.bfloat16())
+    idx = random_tokens(2, 10)
+    with torch.no_grad():
+        logits, reference = model(idx), hf_logits(hf_model, idx)
+    assert logits.dtype == torch.bfloat16
+    # bf16 rounding only: close to the fp32 reference, far closer than the logits' spread
+    assert (logits.float() - reference).abs().max() < 0.1 * reference.std()
+
+
+# ----------------------------------------------------------------------------- cache and generation
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_cached_decoding_gives_full_forward_logits(loaded, kind):
+    hf_model, model = loaded(kind)
+    idx = random_tokens(2, 11, seed=6)
+    prefill = 5
+    model.setup_cache(2, idx.shape[1])
+    try:
+        with torch.no_grad():
+            steps = [model(idx[:, :prefill])]
+            for pos in range(prefill, idx.shape[1]):
+                steps.append(model(idx[:, pos:pos + 1], start_pos=pos))
+    finally:
+        model.clear_cache()
+    cached = torch.cat(steps, dim=1)
+    with torch.no_grad():
+        assert_logits_equal(cached, model(idx))
+    assert_logits_equal(cached, hf_logits(hf_model, idx))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_batched_generation_equals_one_at_a_time(loaded, kind):
+    _, model = loaded(kind)
+    prompts = [random_tokens(1, n, seed=n)[0].tolist() for n in (3, 8, 5, 1)]
+    one_at_a_time = [model.generate([p], 15)[0] for p in prompts]
+    assert model.generate(prompts, 15) == one_at_a_time
+    assert len({tuple(t) for t in one_at_a_time}) == len(prompts)
+
+
+def test_seeded_sampling_is_reproducible(loaded):
+    _, model = loaded("llama")
+    prompts = [random_tokens(1, 4, seed=7)[0].tolist(), random_tokens(1, 6, seed=8)[0].tolist()]
+
+    def sample(seed, **kwargs):
+        return model.generate(prompts, 20, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kwargs)
+    assert sample(1) == sample(1)
+    assert sample(1) != sample(2)
+    assert sample(3, top_k=1) == model.generate(prompts, 20)
+
+
+def test_sampling_matches_transformers_with_the_same_seed(loaded):
+    # transformers samples with torch.multinomial on the default generator: seeded alike,
+    # the same temperature and top_k must draw the same tokens
+    hf_model, model = loaded("llama")
+    prompt = random_tokens(1, 5, seed=9)
+    torch.manual_seed(123)
+    with torch.no_grad():
+        out = hf_model.generate(prompt, max_new_tokens=20, do_sample=True, temperature=0.8, top_k=20, top_p=1.0,
+                                eos_token_id=None, pad_token_id=0)
+    expected = out[:, prompt.shape[1]:].tolist()
+    ours = model.generate(prompt.tolist(), 20, temperature=0.8, top_k=20,
+                          generator=torch.Generator().manual_seed(123))
+    assert ours == expected
+
+
+# ----------------------------------------------------------------------------- presets
+
+def n_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name, published, reference_config", [
+    pytest.param("llama-7b", 6_738_415_616, LlamaConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+        id="llama-7b"),
+    pytest.param("llama-13b", 13_015_864_320, LlamaConfig(
+        vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40),
+        id="llama-13b"),
+    # GPT-J-6B's config.json; its size is checked against transformers only
+    pytest.param("gptj-6b", None, GPTJConfig(vocab_size=50400, n_embd=4096, n_layer=28, n_head=16, rotary_dim=64),
+                 id="gptj-6b"),
+])
+def test_presets_have_the_real_parameter_counts(name, published, reference_config):
+    with torch.device("meta"):
+        model = Transformer(ModelConfig.from_name(name))
+        reference_class = GPTJForCausalLM if name.startswith("gptj") else LlamaForCausalLM
+        reference = reference_class(reference_config)
+    assert model.tok_embeddings.weight.is_meta
+    assert n_params(model) == n_params(reference)
+    if published is not None:
+        assert n_params(model) == published
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(CheckpointError) as info:
+        ModelConfig.from_name("nope")
+    message = str(info.value)
+    assert "\n" not in message
+    assert all(name in message for name in ("nope", "llama-7b", "llama-13b", "gptj-6b"))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_missing_folder(tmp_path):
+    check_error([str(tmp_path / "absent"), "not found"], tmp_path / "absent")
+
+
+def test_folder_in_no_known_format(tmp_path):
+    (tmp_path / "README.md").write_text("weights coming soon\n")
+    check_error([str(tmp_path), "params.json", "config.json"], tmp_path)
+
+
+def truncate(file):
+    with open(file, "r+b") as f:
+        f.truncate(file.stat().st_size // 2)
+
+
+def test_truncated_safetensors(saved, tmp_path):
+    _, source = saved("llama")
+    folder = tmp_path / "hf"
+    shutil.copytree(source, folder)
+    truncate(folder / "model.safetensors")
+    check_error(["model.safetensors", "truncated", "download it again"], folder)
+
+
+@pytest.mark.parametrize("layout", ["bin", "pth"])
+def test_truncated_torch_file(saved, tmp_path, layout):
+    hf_model, source = saved("llama")
+    if layout == "bin":
+        folder = copy_config(source, tmp_path / "hf")
+        write_bin(folder, hf_model.state_dict(), n_shards=1)
+        file = folder / "pytorch_model.bin"
+    else:
+        folder = write_meta(tmp_path / "meta", hf_model, n_shards=1)
+        file = folder / "consolidated.00.pth"
+    truncate(file)
+    check_error([file.name, "truncated", "download it again"], folder)
+
+
+@pytest.mark.parametrize("file_name", ["model.safetensors", "pytorch_model.bin"])
+def test_corrupt_file(saved, tmp_path, file_name):
+    _, source = saved("llama")
+    folder = copy_config(source, tmp_path / "hf")
+    (folder / file_name).write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                                   dtype=torch.uint8).numpy().tobytes())
+    check_error([file_name, "download it again"], folder)
+
+
+class MakesADirectoryWhenUnpickled:
+    """A pickled object whose loading runs code: what a malicious .bin would hold."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (self.path,)
+
+
+def test_pickled_code_is_refused_not_run(saved, tmp_path):
+    hf_model, source = saved("llama")
+    folder = copy_config(source, tmp_path / "hf")
+    marker = tmp_path / "code-was-run"
+    state = dict(hf_model.state_dict())
+    state["model.norm.weight"] = MakesADirectoryWhenUnpickled(str(marker))
+    torch.save(state, folder / "pytorch_model.bin")
+    check_error(["pytorch_model.bin", "not plain weights"], folder)
+    assert not marker.exists()
+
+
+def test_weights_of_another_shape_than_the_preset(saved):
+    _, folder = saved("llama")
+    check_error(["llama-7b", "vocab_size", str(VOCAB), "32000"], folder, name="llama-7b")
+
+
+def test_meta_13b_folder_given_as_7b(tmp_path):
+    params = {"dim": 5120, "multiple_of": 256, "n_heads": 40, "n_layers": 40, "norm_eps": 1e-06, "vocab_size": -1}
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    torch.save({"tok_embeddings.weight": torch.zeros(32000, 8)}, tmp_path / "consolidated.00.pth")
+    check_error(["dim 5120 != llama-7b dim 4096", "llama-13b"], tmp_path, name="llama-7b")
+
+
+def test_meta_folder_missing_a_middle_shard(saved, tmp_path):
+    hf_model, _ = saved("llama")
+    folder = write_meta(tmp_path / "meta", hf_model, n_shards=2)
+    (folder / "consolidated.01.pth").rename(folder / "consolidated.02.pth")  # 00, 02 of three: 01 is missing
+    check_error(["consolidated.01.pth", "missing"], folder)
+
+
+def test_hf_index_listing_a_missing_shard(saved, tmp_path):
+    hf_model, _ = saved("llama")
+    folder = tmp_path / "hf"
+    hf_model.save_pretrained(folder, max_shard_size="100KB")
+    lost = sorted(folder.glob("model-*.safetensors"))[1]
+    lost.unlink()
+    check_error(["model.safetensors.index.json", lost.name, "missing"], folder)
+
+
+# ----------------------------------------------------------------------------- old transformers files
+
+@pytest.mark.parametrize("kind", ["llama", "gptj"])
+def test_old_transformers_buffers_are_ignored(saved, tmp_path, kind):
+    hf_model, source = saved(kind)
+    state = dict(hf_model.state_dict())
+    head_dim = DIM // N_HEAD
+    for i in range(N_LAYER):
+        if kind == "llama":  # transformers < 4.31 saved the rotary table of every layer
+            state[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = torch.rand(head_dim // 2)
+        else:                # GPT-J-6B's files carry the causal mask and its fill value
+            state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(128, 128, dtype=torch.bool))[None, None]
+            state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e9)
+    folder = copy_config(source, tmp_path / "hf")
+    write_bin(folder, state, n_shards=1)
+    idx = random_tokens(2, 10)
+    with torch.no_grad():
+        assert_logits_equal(load_checkpoint(folder)(idx), hf_logits(hf_model, idx))
+
+
+def test_unknown_extra_key_is_an_error(saved, tmp_path):
+    hf_model, source = saved("llama")
+    state = dict(hf_model.state_dict())
+    state["model.layers.0.self_attn.q_proj.bias"] = torch.zeros(DIM)
+    folder = copy_config(source, tmp_path / "hf")
+    save_file(state, folder / "model.safetensors")
+    check_error(["model.layers.0.self_attn.q_proj.bias"], folder)
