@@ -21,6 +21,7 @@ last T columns, and S > T tells it that T new tokens follow S - T earlier ones.
 Depends only on torch; the public names are the ones without a leading underscore.
 """
 import inspect
+import json
 import math
 import os
 import tempfile
@@ -52,6 +53,9 @@ class InterLoRAConfig:
         if self.method not in ("interlora", "lora"):
             raise AdapterError(f"method {self.method!r} is unknown: expected interlora or lora")
         paper = self.method == "interlora"
+        if self.r < 0 or self.alpha < 0 or not 0 <= self.dropout < 1:
+            raise AdapterError(f"r {self.r}, alpha {self.alpha}, dropout {self.dropout}: expected r >= 1 "
+                               "(or 0 for the default), alpha >= 0 and 0 <= dropout < 1")
         self.r = self.r or (4 if paper else 10)
         self.alpha = self.alpha or 2 * self.r
         self.attention_targets = tuple(self.attention_targets)
@@ -84,6 +88,10 @@ VARIANTS = {
 class _TokenMask:
     """The attention_mask of the model's current call, shared by all its InterLoRA layers."""
     mask = None
+    hook = None  # the handle of the forward pre-hook that fills `mask`
+
+
+ADAPTER_NAMES = {"lora_A", "lora_B", "gate_in", "gate_out", "gate_scale"}
 
 
 class InterLoRALinear(nn.Module):
@@ -133,7 +141,7 @@ class InterLoRALinear(nn.Module):
         continuing = mask is not None and mask.shape[1] > T  # T new tokens after cached ones
         real = (mask[:, -T:, None] if mask is not None else torch.ones_like(s[..., :1])).to(s.dtype)  # (B, T, 1)
         if continuing and self.pooled is None:
-            raise AdapterError("decoding with a KV cache needs the prompt first, in eval mode (model.eval())")
+            raise AdapterError("decoding with a KV cache needs the prompt first, under torch.no_grad()")
         if self.gate_pool == "mean":
             if continuing:
                 return self.pooled  # fixed at prefill: the mean over the prompt
@@ -145,14 +153,14 @@ class InterLoRALinear(nn.Module):
             count = count + real.cumsum(1)        # (B, T, 1)
             g = total / count.clamp(min=1)
             state = (total[:, -1:], count[:, -1:])
-        if not self.training:  # keep what decoding needs (never in training: no graph is held)
+        if not (self.training and torch.is_grad_enabled()):  # keep what decoding needs, never in training
             self.pooled = state
         return g
 
 
 def is_adapter_parameter(name):
     """The one predicate that decides what is an adapter: freezing, the optimizer, saving, loading."""
-    return any(part.startswith(("lora_", "gate_")) for part in name.split("."))
+    return any(part in ADAPTER_NAMES for part in name.split("."))
 
 
 def default_targets(model):
@@ -204,35 +212,68 @@ def add_interlora(model, cfg, targets=None):
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter_parameter(name))
 
-    # Padding reaches the gates through the model's attention_mask argument (keyword or positional).
+    # Padding reaches the gates through the model's attention_mask argument (keyword or positional);
+    # a Meta-style start_pos without a mask means start_pos cached tokens, none of them padding.
     params = list(inspect.signature(model.forward).parameters)
-    position = params.index("attention_mask") if "attention_mask" in params else None
+
+    def argument(name, args, kwargs):
+        if name in kwargs or name not in params:
+            return kwargs.get(name)
+        position = params.index(name)
+        return args[position] if len(args) > position else None
 
     def capture_mask(module, args, kwargs):
-        tokens.mask = kwargs.get("attention_mask", args[position] if position is not None and
-                                 len(args) > position else None)
-    model.register_forward_pre_hook(capture_mask, with_kwargs=True)
+        mask, start_pos = argument("attention_mask", args, kwargs), argument("start_pos", args, kwargs)
+        if mask is None and start_pos:
+            idx = args[0] if args else next(iter(kwargs.values()))  # the tokens: (B, T)
+            mask = torch.ones(idx.shape[0], start_pos + idx.shape[1], dtype=torch.bool, device=idx.device)
+        tokens.mask = mask
+    tokens.hook = model.register_forward_pre_hook(capture_mask, with_kwargs=True)
     return replaced
+
+
+def remove_interlora(model):
+    """Put the original nn.Linear layers back and drop the mask hook: the inverse of add_interlora."""
+    for name, layer in list(model.named_modules()):
+        if isinstance(layer, InterLoRALinear):
+            if layer.tokens.hook is not None:
+                layer.tokens.hook.remove()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, layer.base)
+    return model
 
 
 def adapter_state_dict(model):
     return {name: p.detach() for name, p in model.named_parameters() if is_adapter_parameter(name)}
 
 
-def _adapted_shapes(model):
-    return {name: [m.base.in_features, m.base.out_features]
-            for name, m in model.named_modules() if isinstance(m, InterLoRALinear)}
+def _base_description(model):
+    """What an adapter file must match: the model's class and family, and each adapted layer's (in, out)."""
+    config = getattr(model, "config", None)
+    family = getattr(config, "family", None) or getattr(config, "model_type", None)
+    shapes = {name: [m.base.in_features, m.base.out_features]
+              for name, m in model.named_modules() if isinstance(m, InterLoRALinear)}
+    return {"class": type(model).__name__, "family": family, "shapes": shapes}
 
 
 def save_adapter(path, model, cfg, info=None):
     """Write the config, the base's adapted shapes, `info` and the adapter tensors to one file, atomically."""
-    payload = {"format": "interlora-adapter", "version": 1, "config": asdict(cfg), "info": info or {},
-               "base_shapes": _adapted_shapes(model),
+    info = info or {}
+    try:  # the file is read with weights_only=True: only plain data loads back
+        json.dumps(info)
+    except TypeError as e:
+        raise AdapterError(f"adapter info must be plain JSON-like data: {e}") from None
+    payload = {"format": "interlora-adapter", "version": 1, "config": asdict(cfg), "info": info,
+               "base": _base_description(model),
                "tensors": {k: v.cpu() for k, v in adapter_state_dict(model).items()}}
-    folder = os.path.dirname(os.path.abspath(path))
-    with tempfile.NamedTemporaryFile(dir=folder, prefix=".adapter-", delete=False) as tmp:
-        torch.save(payload, tmp)
-    os.replace(tmp.name, path)  # readers see the old file or the new one, never half of one
+    handle, temp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".adapter-")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            torch.save(payload, f)
+        os.replace(temp, path)  # readers see the old file or the new one, never half of one
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
 
 
 def read_adapter(path):
@@ -250,21 +291,33 @@ def read_adapter(path):
 
 
 def load_adapter(model, path, targets=None):
-    """Add the adapters described in `path` to `model` and load their tensors; returns (cfg, info)."""
+    """Add the adapters described in `path` to `model` and load their tensors; returns (cfg, info).
+
+    On any mismatch the model is left as it was and AdapterError says what differs.
+    """
     payload = read_adapter(path)
     cfg = InterLoRAConfig(**payload["config"])
     add_interlora(model, cfg, targets)
-    shapes, saved = _adapted_shapes(model), payload["base_shapes"]
-    if shapes != saved:
-        name = next((n for n in sorted(set(shapes) | set(saved)) if shapes.get(n) != saved.get(n)))
-        raise AdapterError(f"{path} was made for another base model: its {name} is {saved.get(name)} "
-                           f"(in, out), this model's is {shapes.get(name)}")
-    params = dict(model.named_parameters())
-    for name, tensor in payload["tensors"].items():
-        if name not in params or params[name].shape != tensor.shape:
-            raise AdapterError(f"{path}: tensor {name} {tuple(tensor.shape)} does not fit this model")
-        with torch.no_grad():
-            params[name].copy_(tensor)
+    try:
+        base, saved = _base_description(model), payload["base"]
+        for key in ("class", "family", "shapes"):
+            if base[key] != saved[key]:
+                raise AdapterError(f"{path} was made for another base model: its {key} is {saved[key]}, "
+                                   f"this model's is {base[key]}"[:400])
+        params = {n: p for n, p in model.named_parameters() if is_adapter_parameter(n)}
+        tensors = payload["tensors"]
+        if params.keys() != tensors.keys():
+            name = sorted(params.keys() ^ tensors.keys())[0]
+            raise AdapterError(f"{path}: tensor {name} is in {'the model' if name in params else 'the file'} only")
+        for name, tensor in tensors.items():
+            if params[name].shape != tensor.shape:
+                raise AdapterError(f"{path}: tensor {name} {tuple(tensor.shape)} does not fit this model's "
+                                   f"{tuple(params[name].shape)}")
+            with torch.no_grad():
+                params[name].copy_(tensor)
+    except AdapterError:
+        remove_interlora(model)
+        raise
     return cfg, payload["info"]
 
 
