@@ -136,15 +136,15 @@ class InterLoRALinear(nn.Module):
     def _head_gate(self, x):
         """Eq. 5: the per-head sigmoid, averaged over real tokens ("mean") or real tokens so far ("causal")."""
         T = x.shape[1]
-        s = torch.sigmoid(self.gate_out(self.gate_in(x))).float()  # (B, T, heads), pooled in fp32
         mask = self.tokens.mask
         continuing = mask is not None and mask.shape[1] > T  # T new tokens after cached ones
-        real = (mask[:, -T:, None] if mask is not None else torch.ones_like(s[..., :1])).to(s.dtype)  # (B, T, 1)
         if continuing and self.pooled is None:
             raise AdapterError("decoding with a KV cache needs the prompt first, under torch.no_grad()")
+        if continuing and self.gate_pool == "mean":
+            return self.pooled  # fixed at prefill: the mean over the prompt
+        s = torch.sigmoid(self.gate_out(self.gate_in(x))).float()  # (B, T, heads), pooled in fp32
+        real = (mask[:, -T:, None] if mask is not None else torch.ones_like(s[..., :1])).to(s.dtype)  # (B, T, 1)
         if self.gate_pool == "mean":
-            if continuing:
-                return self.pooled  # fixed at prefill: the mean over the prompt
             g = (s * real).sum(1, keepdim=True) / real.sum(1, keepdim=True).clamp(min=1)  # (B, 1, heads)
             state = g
         else:
