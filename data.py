@@ -119,9 +119,14 @@ class BPETokenizer:
 
     def __init__(self, folder):
         folder = Path(folder)
-        self.token_to_id = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
-        merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+        if (folder / "vocab.json").exists():
+            self.token_to_id = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+            merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+        else:  # transformers 5 saves only tokenizer.json, which holds the same vocabulary and merges
+            bpe = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+            self.token_to_id = bpe["vocab"]
+            merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in bpe["merges"]]
         self.merge_rank = {pair: rank for rank, pair in enumerate(merges)}
         self.byte_to_char = bytes_to_unicode()
         self.char_to_byte = {c: b for b, c in self.byte_to_char.items()}
@@ -257,6 +262,11 @@ def read_added_tokens(folder):
     return added
 
 
+def is_bpe_tokenizer_json(folder):
+    path = folder / "tokenizer.json"
+    return path.exists() and json.loads(path.read_text(encoding="utf-8")).get("model", {}).get("type") == "BPE"
+
+
 def load_tokenizer(folder):
     """The tokenizer of a checkpoint folder: sentencepiece for LLaMA, byte-level BPE for GPT-J."""
     folder = Path(folder)
@@ -265,7 +275,7 @@ def load_tokenizer(folder):
     # the folder's own files first; Meta's LLaMA download keeps tokenizer.model one level up
     if (folder / "tokenizer.model").exists():
         return SentencePieceTokenizer(folder / "tokenizer.model")
-    if (folder / "vocab.json").exists() and (folder / "merges.txt").exists():
+    if (folder / "vocab.json").exists() and (folder / "merges.txt").exists() or is_bpe_tokenizer_json(folder):
         return BPETokenizer(folder)
     if (folder.parent / "tokenizer.model").exists():
         return SentencePieceTokenizer(folder.parent / "tokenizer.model")

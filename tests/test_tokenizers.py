@@ -160,6 +160,19 @@ def test_added_token_flags_as_transformers_saves_them(tmp_path, gpt2_folder, tra
     assert_same_ids(ours, reference, texts, round_trip=False)
 
 
+def test_folder_with_only_tokenizer_json(tmp_path, gpt2_folder, transformers):
+    # what transformers 5 saves for GPT-2 / GPT-J: no vocab.json or merges.txt, all in tokenizer.json
+    source = transformers.GPT2TokenizerFast.from_pretrained(str(gpt2_folder))
+    source.add_tokens(["<|extratoken_1|>"])
+    source.save_pretrained(str(tmp_path))
+    for name in ("vocab.json", "merges.txt"):
+        (tmp_path / name).unlink(missing_ok=True)
+    reference = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ours = load_tokenizer(tmp_path)
+    assert isinstance(ours, BPETokenizer) and ours.vocab_size == len(reference)
+    assert_same_ids(ours, reference, CORPUS + ["a<|extratoken_1|>b"])
+
+
 def test_added_tokens_from_tokenizer_config(tmp_path, gpt2_folder, transformers):
     # the transformers 4 layout: flags in tokenizer_config.json's added_tokens_decoder
     for name in ("vocab.json", "merges.txt"):
