@@ -35,21 +35,21 @@ class EvalSettings:
     checkpoint_dir: str = field(default="", metadata={"help": "folder of the base weights (default: the adapter's)"})
     data_dir: str = field(default="data", metadata={"help": "LLM-Adapters data (python data.py download)"})
     datasets: str = field(default="", metadata={"help": "comma-separated test sets (default: all of the task)"})
-    limit: int = field(default=0, metadata={"help": "evaluate only the first N items of each test set (0: all)"})
+    limit: int = field(default=0, metadata={"help": "evaluate only the first N items of each test set (default 0: all)"})
     batch_size: int = field(default=32, metadata={"help": "prompts generated together"})
-    max_new_tokens: int = field(default=0, metadata={"help": "tokens to generate (0: 256 math, 32 commonsense)"})
+    max_new_tokens: int = field(default=0, metadata={"help": "tokens to generate (default 0: 256 math, 32 commonsense)"})
     out_dir: str = field(default="", metadata={"help": "output folder (default: eval-<task> beside the adapter)"})
     device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
 
 
 def parse_settings(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in fields(EvalSettings):
         if f.type is bool:
             parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
         else:
-            parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f.metadata["help"])
+            shown = "" if "default" in f.metadata["help"] else f" (default: {f.default})"
+            parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f.metadata["help"] + shown)
     s = EvalSettings(**vars(parser.parse_args(argv)))
     if not s.adapter and not (s.base and s.model and s.task):
         parser.error("pass --adapter FILE, or --base with --model and --task")

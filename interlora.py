@@ -64,9 +64,9 @@ class InterLoRAConfig:
         self.ffn_targets = tuple(self.ffn_targets)
         self.attention_gate = paper if self.attention_gate is None else self.attention_gate
         self.ffn_gate = ("relu" if paper else "none") if self.ffn_gate is None else self.ffn_gate
-        for value, choices in ((self.ffn_gate, ("relu", "sigmoid", "none")), (self.gate_pool, ("mean", "causal"))):
-            if value not in choices:
-                raise AdapterError(f"{value!r} is not one of {', '.join(choices)}")
+        for name, choices in (("ffn_gate", ("relu", "sigmoid", "none")), ("gate_pool", ("mean", "causal"))):
+            if getattr(self, name) not in choices:
+                raise AdapterError(f"{name} {getattr(self, name)!r} is not one of {', '.join(choices)}")
         if not set(self.attention_targets) <= {"q", "k", "v"} or not set(self.ffn_targets) <= {"gate", "up", "down"}:
             raise AdapterError(f"targets {self.attention_targets + self.ffn_targets} must be among q, k, v "
                                "(attention) and gate, up, down (FFN)")

@@ -25,7 +25,7 @@ import interlora
 from data import (DataError, collate, load_task, make_output_dir, tokenize_item, tokenizer_for, write_json,
                   write_text)
 from interlora import AdapterError, InterLoRAConfig
-from model import CheckpointError, load_model
+from model import CheckpointError, ModelConfig, load_model
 
 
 @dataclass
@@ -37,8 +37,8 @@ class TrainSettings:
     checkpoint_dir: str = field(default="", metadata={"help": "folder of the base weights (default checkpoints/<model>)"})
     data_dir: str = field(default="data", metadata={"help": "LLM-Adapters data (python data.py download)"})
     out_dir: str = field(default="", metadata={"help": "output folder (default out/<model>-<task>-<method>)"})
-    r: int = field(default=0, metadata={"help": "LoRA rank (0: the method's, 4 for interlora, 10 for lora)"})
-    alpha: float = field(default=0.0, metadata={"help": "LoRA alpha, lambda = alpha / r (0: 2r)"})
+    r: int = field(default=0, metadata={"help": "LoRA rank (default 0: the method's, 4 for interlora, 10 for lora)"})
+    alpha: float = field(default=0.0, metadata={"help": "LoRA alpha, lambda = alpha / r (default 0: 2r)"})
     dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     gate_pool: str = field(default="mean", metadata={"help": "head-gate pooling: mean (paper) or causal"})
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
@@ -47,10 +47,10 @@ class TrainSettings:
     grad_accum: int = field(default=4, metadata={"help": "micro-batches per optimizer step (batch 16 = 4 x 4)"})
     warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps, then linear decay to 0"})
     cutoff_len: int = field(default=256, metadata={"help": "tokens per training sequence"})
-    mask_prompt: bool = field(default=False, metadata={"help": "no loss on the prompt (default: loss on all)"})
+    mask_prompt: bool = field(default=False, metadata={"help": "no loss on the prompt (default: loss on prompt and response)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
     seed: int = field(default=42, metadata={"help": "seed of adapter init, data order and dropout"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: the epochs)"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (default 0: the epochs decide)"})
     save_every: int = field(default=100, metadata={"help": "save checkpoint.pt every N optimizer steps"})
     resume: bool = field(default=False, metadata={"help": "continue from out_dir/checkpoint.pt"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
@@ -67,13 +67,13 @@ class RunStopped(RuntimeError):
 
 
 def parse_settings(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for f in fields(TrainSettings):
         if f.type is bool:
             parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
         else:
-            parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f.metadata["help"])
+            shown = "" if "default" in f.metadata["help"] else f" (default: {f.default})"
+            parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f.metadata["help"] + shown)
     s = TrainSettings(**vars(parser.parse_args(argv)))
     if s.method not in interlora.VARIANTS:
         parser.error(f"unknown --method {s.method!r}: choose one of {', '.join(interlora.VARIANTS)}")
@@ -117,7 +117,10 @@ def memory_gb(device):
 
 def train(s):
     print(json.dumps(asdict(s), indent=2))
-    # data and output folder first: a missing file should fail before minutes of loading weights
+    # names, data and output folder first: a mistake should fail before minutes of loading weights
+    ModelConfig.from_name(s.model)
+    cfg = InterLoRAConfig(**interlora.VARIANTS[s.method], r=s.r, alpha=s.alpha, dropout=s.dropout,
+                          gate_pool=s.gate_pool)
     task = load_task(s.task, s.data_dir, datasets=[])
     out = make_output_dir(s.out_dir)
     checkpoint_path = os.path.join(out, "checkpoint.pt")
@@ -130,8 +133,6 @@ def train(s):
     tokenizer = tokenizer_for(s.model, s.checkpoint_dir)
     examples = [tokenize_item(tokenizer, item, s.cutoff_len, train_on_inputs=not s.mask_prompt) for item in task.train]
 
-    cfg = InterLoRAConfig(**interlora.VARIANTS[s.method], r=s.r, alpha=s.alpha, dropout=s.dropout,
-                          gate_pool=s.gate_pool)
     interlora.add_interlora(model, cfg)
     model.grad_checkpointing = s.grad_checkpointing
     params = [p for name, p in model.named_parameters() if interlora.is_adapter_parameter(name)]
