@@ -56,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python
 import interlora  # noqa: E402
 from data import ByteTokenizer, generate_prompt, load_task, load_tokenizer  # noqa: E402
 from interlora import InterLoRAConfig  # noqa: E402
+from bench.common import default_dtype, device_description, error_text, fmt, free_memory, hf_config, peak_memory_gb, synchronize, versions  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 
@@ -112,11 +113,6 @@ DESCRIPTIONS = {"ours": "InterLoRA r=4 q,v,down + gates", "hf+peft": "LoRA r=4 q
 
 # ----------------------------------------------------------------------------- helpers
 
-def synchronize(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def wall_seconds(fn, device):
     """Host time of fn() with the device idle before and drained after (generate syncs inside anyway)."""
     synchronize(device)
@@ -156,33 +152,6 @@ def compiled_graphs():
     return counters["stats"]["unique_graphs"]
 
 
-def peak_memory_gb(device):
-    return torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
-
-
-def free_memory(device):
-    """Drop compiled graphs and cached blocks so the next model starts from an empty device."""
-    torch.compiler.reset()
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-@contextlib.contextmanager
-def default_dtype(dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def error_text(e):
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-
-
 # ----------------------------------------------------------------------------- the two stacks
 
 def build_ours(name, device, dtype):
@@ -197,21 +166,6 @@ def build_ours(name, device, dtype):
             if isinstance(module, interlora.InterLoRALinear):
                 module.lora_B.weight.normal_(0.0, 0.02)
     return model.eval()
-
-
-def hf_config(config):
-    """The transformers config with the same shapes as one of our presets."""
-    from transformers import GPTJConfig, LlamaConfig
-    if config.family == "llama":
-        return LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
-                           num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
-                           num_key_value_heads=config.n_kv_heads, rms_norm_eps=config.norm_eps,
-                           max_position_embeddings=config.max_seq_len, bos_token_id=config.bos_id,
-                           eos_token_id=config.eos_id, tie_word_embeddings=False)
-    return GPTJConfig(vocab_size=config.vocab_size, n_positions=config.max_seq_len, n_embd=config.dim,
-                      n_layer=config.n_layer, n_head=config.n_head, rotary_dim=config.rotary_dim,
-                      n_inner=config.ffn_dim, layer_norm_epsilon=config.norm_eps, bos_token_id=config.bos_id,
-                      eos_token_id=config.eos_id, tie_word_embeddings=False)
 
 
 def build_reference(name, device, dtype):
@@ -398,10 +352,6 @@ def eval_workload(s, name, dtype, prompts, tokenizer):
 
 # ----------------------------------------------------------------------------- tables
 
-def fmt(value, pattern):
-    return "-" if value is None else format(value, pattern)
-
-
 def markdown(header, lines):
     return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                      + ["| " + " | ".join(cells) + " |" for cells in lines])
@@ -436,23 +386,6 @@ def eval_table(rows):
                               str(r["batch_size"]), str(r["max_new_tokens"]), f"{r['new_tokens']:,}",
                               str(r["stopped_at_eos"]), f"{r['wall_s']:.1f}", f"{r['new_tokens_per_s']:,.1f}",
                               fmt(r["peak_memory_gb"], ".1f")] for r in rows])
-
-
-def device_description(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    import platform
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def versions():
-    found = {"torch": torch.__version__}
-    for package in ("transformers", "peft"):
-        try:
-            found[package] = __import__(package).__version__
-        except ImportError:
-            found[package] = "not installed"
-    return found
 
 
 # ----------------------------------------------------------------------------- main

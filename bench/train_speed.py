@@ -59,6 +59,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python bench/train_speed.py
 import interlora  # noqa: E402
 from interlora import InterLoRAConfig  # noqa: E402
+from bench.common import default_dtype, device_description, error_text, fmt, free_memory, hf_config, peak_memory_gb, synchronize, versions  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 
@@ -139,11 +140,6 @@ def train_step_flops(config, adapter_params, batch, seq_len):
 
 # ----------------------------------------------------------------------------- timing
 
-def synchronize(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def median_seconds(fn, warmup, repeats, device):
     """(median, all times) of fn() in seconds over `repeats` calls after `warmup` untimed ones."""
     for _ in range(warmup):
@@ -175,33 +171,6 @@ def measure_matmul_tflops(device):
     return 2 * n ** 3 / seconds / 1e12, f"{n}^3 {str(dtype).removeprefix('torch.')} matmul"
 
 
-def peak_memory_gb(device):
-    return torch.cuda.max_memory_allocated() / 2 ** 30 if device == "cuda" else None
-
-
-def free_memory(device):
-    """Drop compiled graphs and cached blocks so the next model starts from an empty device."""
-    torch.compiler.reset()
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def error_text(e):
-    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
-
-
-@contextlib.contextmanager
-def default_dtype(dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 # ----------------------------------------------------------------------------- the two stacks
 
 def build_ours(name, method, device, dtype):
@@ -211,21 +180,6 @@ def build_ours(name, method, device, dtype):
         model = Transformer(ModelConfig.from_name(name))
     interlora.add_interlora(model, METHODS[method][0])  # freezes the base; adapters are fp32
     return model
-
-
-def hf_config(config):
-    """The transformers config with the same shapes as one of our presets."""
-    from transformers import GPTJConfig, LlamaConfig
-    if config.family == "llama":
-        return LlamaConfig(vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
-                           num_hidden_layers=config.n_layer, num_attention_heads=config.n_head,
-                           num_key_value_heads=config.n_kv_heads, rms_norm_eps=config.norm_eps,
-                           max_position_embeddings=config.max_seq_len, bos_token_id=config.bos_id,
-                           eos_token_id=config.eos_id, tie_word_embeddings=False)
-    return GPTJConfig(vocab_size=config.vocab_size, n_positions=config.max_seq_len, n_embd=config.dim,
-                      n_layer=config.n_layer, n_head=config.n_head, rotary_dim=config.rotary_dim,
-                      n_inner=config.ffn_dim, layer_norm_epsilon=config.norm_eps, bos_token_id=config.bos_id,
-                      eos_token_id=config.eos_id, tie_word_embeddings=False)
 
 
 def build_reference(name, method, device, dtype):
@@ -354,10 +308,6 @@ def add_ratios_and_mfu(rows, peak_tflops, matmul_tflops):
         r["mfu_measured"] = achieved / matmul_tflops
 
 
-def fmt(value, pattern):
-    return "-" if value is None else format(value, pattern)
-
-
 def markdown_table(rows, peak_tflops, matmul_tflops):
     peak_name = f"MFU vs {peak_tflops:g} datasheet" if peak_tflops else "MFU vs datasheet"
     header = ["model", "implementation", "adapters", "mode", "attention", "batch", "tokens/s", "vs hf+peft",
@@ -373,23 +323,6 @@ def markdown_table(rows, peak_tflops, matmul_tflops):
                      fmt(r["mfu_datasheet"], ".1%"), f"{r['mfu_measured']:.1%}", fmt(r["peak_memory_gb"], ".1f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def device_description(device):
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    import platform
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def versions():
-    found = {"torch": torch.__version__}
-    for package in ("transformers", "peft"):
-        try:
-            found[package] = __import__(package).__version__
-        except ImportError:
-            found[package] = "not installed"
-    return found
 
 
 # ----------------------------------------------------------------------------- main
