@@ -176,7 +176,7 @@ def train(s):
                 loss_sum += loss.detach() / len(batches)
             loss_value = loss_sum.item()
             if not math.isfinite(loss_value):
-                raise RunStopped(f"loss is {loss_value} at step {step}: lower --lr or check the data; "
+                raise RunStopped(f"loss is {loss_value} at step {step + 1}: lower --lr or check the data; "
                                        f"the last good save is {checkpoint_path}")
             torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
             optimizer.step()
@@ -193,7 +193,7 @@ def train(s):
                 save_checkpoint(checkpoint_path, step, model, optimizer, s)
     except KeyboardInterrupt:
         bar.close()
-        raise RunStopped(f"interrupted at step {step}: continue with --resume (the last save is "
+        raise RunStopped(f"interrupted after step {step}: continue with --resume (the last save is "
                                f"{checkpoint_path})") from None
     finally:
         bar.close()

@@ -56,7 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python
 import interlora  # noqa: E402
 from data import ByteTokenizer, generate_prompt, load_task, load_tokenizer  # noqa: E402
 from interlora import InterLoRAConfig  # noqa: E402
-from bench.common import default_dtype, device_description, error_text, fmt, free_memory, hf_config, peak_memory_gb, synchronize, versions  # noqa: E402
+from bench.common import (default_dtype, device_description, error_text, fmt, free_memory, hf_config,  # noqa: E402
+                          peak_memory_gb, synchronize, versions)
 from model import ModelConfig, Transformer  # noqa: E402
 
 

@@ -59,7 +59,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python bench/train_speed.py
 import interlora  # noqa: E402
 from interlora import InterLoRAConfig  # noqa: E402
-from bench.common import default_dtype, device_description, error_text, fmt, free_memory, hf_config, peak_memory_gb, synchronize, versions  # noqa: E402
+from bench.common import (default_dtype, device_description, error_text, fmt, free_memory, hf_config,  # noqa: E402
+                          peak_memory_gb, synchronize, versions)
 from model import ModelConfig, Transformer  # noqa: E402
 
 

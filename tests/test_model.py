@@ -7,6 +7,7 @@ logits within 1e-5 in fp32, greedy tokens exactly, with and without left padding
 KV cache. Parameter counts on the meta device are compared with the published model
 sizes and with transformers' own models. Bad folders must give one-line CheckpointErrors.
 """
+import copy
 import json
 import os
 import shutil
@@ -334,6 +335,27 @@ def test_cached_decoding_gives_full_forward_logits(loaded, kind):
     with torch.no_grad():
         assert_logits_equal(cached, model(idx))
     assert_logits_equal(cached, hf_logits(hf_model, idx))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_checkpointing_gives_the_same_gradients(loaded, kind):
+    """Recomputing blocks in backward saves memory and must change nothing else."""
+    _, loaded_model = loaded(kind)
+    model = copy.deepcopy(loaded_model).train()
+    idx = random_tokens(2, 9, seed=8)
+    mask = torch.ones_like(idx, dtype=torch.bool)
+    mask[1, 6:] = False  # right padding, as in training
+    grads, calls = [], []
+    model.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    for checkpointing in (False, True):
+        model.grad_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        calls.clear()
+        model(idx, attention_mask=mask).logsumexp(-1)[mask].sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+        assert len(calls) == (2 if checkpointing else 1)  # checkpointing runs the block again in backward
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", KINDS)

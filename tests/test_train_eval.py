@@ -114,6 +114,26 @@ def test_resumed_training_ends_with_the_same_adapter(data_dir, tmp_path, monkeyp
     assert any(not torch.all(t == 0) for n, t in straight.items() if "lora_B" in n)  # it did train
 
 
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_save(data_dir, tmp_path, monkeypatch, capsys):
+    cross_entropy, calls = train_script.F.cross_entropy, []
+
+    def poisoned(*args, **kwargs):  # the loss of the fifth micro-batch (step 3) is NaN
+        calls.append(1)
+        loss = cross_entropy(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 5 else loss
+    monkeypatch.setattr(train_script.F, "cross_entropy", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        train_script.main(["--model", "tiny", "--task", "math", "--micro_batch_size", "4", "--grad_accum", "2",
+                           "--cutoff_len", "320", "--max_steps", "6", "--save_every", "2", "--data_dir", str(data_dir),
+                           "--out_dir", str(out)])
+    assert stop.value.code == 2
+    message = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "loss is nan at step 3" in message and "--lr" in message
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2  # the last good save stays
+    assert not (out / "adapter.pt").exists()
+
+
 def test_interrupted_evaluation_resumes_without_redoing_items(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train_script.main(["--model", "tiny", "--task", "math", "--max_steps", "1", "--cutoff_len", "320",
