@@ -11,6 +11,7 @@ the paper's Table 1/2) and results.json are written next to the predictions.
 """
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import sys
@@ -113,6 +114,14 @@ def evaluate(s):
     max_new_tokens = s.max_new_tokens or task.max_new_tokens
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
 
+    # predictions are reused only by the same evaluation: same weights, adapter and generation length
+    run = {"model": model_name, "task": task_name, "base": s.base, "max_new_tokens": max_new_tokens,
+           "adapter_sha256": None if s.base else hashlib.sha256(open(s.adapter, "rb").read()).hexdigest()}
+    run_path = os.path.join(out, "run.json")
+    if os.path.exists(run_path) and json.load(open(run_path)) != run:
+        raise DataError(f"{out} holds predictions of another evaluation (other adapter, model or settings): "
+                        "delete the folder or choose another --out_dir")
+    write_json(run_path, run)
     predictions_path = os.path.join(out, "predictions.jsonl")
     done = read_predictions(predictions_path)
     selected = {name: items[: s.limit or None] for name, items in task.test.items()}

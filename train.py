@@ -171,13 +171,14 @@ def train(s):
                 with autocast:
                     logits = runner(idx, attention_mask=mask)
                 # next-token loss: position t predicts token t + 1; -100 marks padding (and a masked prompt)
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                       ignore_index=-100)
                 (loss / len(batches)).backward()
                 loss_sum += loss.detach() / len(batches)
             loss_value = loss_sum.item()
             if not math.isfinite(loss_value):
                 raise RunStopped(f"loss is {loss_value} at step {step + 1}: lower --lr or check the data; "
-                                       f"the last good save is {checkpoint_path}")
+                                 f"{last_save(checkpoint_path)}")
             torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -193,8 +194,7 @@ def train(s):
                 save_checkpoint(checkpoint_path, step, model, optimizer, s)
     except KeyboardInterrupt:
         bar.close()
-        raise RunStopped(f"interrupted after step {step}: continue with --resume (the last save is "
-                               f"{checkpoint_path})") from None
+        raise RunStopped(f"interrupted after step {step}: continue with --resume; {last_save(checkpoint_path)}") from None
     finally:
         bar.close()
         log.close()
@@ -204,6 +204,12 @@ def train(s):
     interlora.save_adapter(os.path.join(out, "adapter.pt"), model, cfg, info)
     print(f"wrote {os.path.join(out, 'adapter.pt')}: evaluate with python eval.py --adapter "
           f"{os.path.join(out, 'adapter.pt')}")
+
+
+def last_save(path):
+    if not os.path.exists(path):
+        return "nothing was saved yet"
+    return f"the last good save ({torch.load(path, weights_only=True)['step']} steps) is {path}"
 
 
 def resume(path, model, optimizer, s):

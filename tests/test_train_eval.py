@@ -168,6 +168,11 @@ def test_interrupted_evaluation_resumes_without_redoing_items(data_dir, tmp_path
     fresh = evaluate_script.main(args + ["--out_dir", str(tmp_path / "fresh")])
     assert resumed == fresh
 
+    # predictions of another evaluation are never mixed in: here a longer generation
+    with pytest.raises(SystemExit) as stop:
+        evaluate_script.main(args[:-2] + ["--max_new_tokens", "6"])
+    assert stop.value.code == 2
+
 
 def one_line_error(result):
     assert result.returncode == 2, (result.stdout[-500:], result.stderr[-2000:])
