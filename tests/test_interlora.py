@@ -685,11 +685,10 @@ MISMATCHED_BASES = {  # a model the adapter of `tiny` does not fit
 }
 
 
-@pytest.mark.parametrize("method", ["interlora", "lora"])
-@pytest.mark.parametrize("base", list(MISMATCHED_BASES))
+# plain LoRA has no head gate, so it does fit a model that differs only in its number of heads
+@pytest.mark.parametrize("base, method", [(base, method) for base in MISMATCHED_BASES for method in ("interlora", "lora")
+                                          if (base, method) != ("more-heads", "lora")])
 def test_loading_onto_a_mismatched_base_is_a_clear_error(tmp_path, base, method):
-    if base == "more-heads" and method == "lora":
-        pytest.skip("plain LoRA has no head gate: it fits a model that only differs in its heads")
     model, cfg = adapted("tiny", method=method)
     path = tmp_path / "adapter.pt"
     save_adapter(path, model, cfg)
