@@ -156,7 +156,7 @@ def compiled_graphs():
 # ----------------------------------------------------------------------------- the two stacks
 
 def build_ours(name, device, dtype):
-    """Our model with random weights made on the device (N(0, 0.02) from its init), InterLoRA added, eval mode."""
+    """Our model with random weights made on the device (from its own init), InterLoRA added, eval mode."""
     torch.manual_seed(0)
     with torch.device(device), default_dtype(dtype):
         model = Transformer(ModelConfig.from_name(name))
