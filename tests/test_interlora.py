@@ -25,6 +25,7 @@ import interlora
 from interlora import (VARIANTS, AdapterError, InterLoRAConfig, InterLoRALinear, add_interlora,
                        adapter_state_dict, is_adapter_parameter, load_adapter, merge, read_adapter,
                        save_adapter)
+from conftest import ROOT
 from model import PRESETS, ModelConfig, Transformer, load_checkpoint
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32 comparisons between two computations of the same thing
@@ -259,6 +260,21 @@ def test_print_variant_parameter_counts():
         lines.append(f"{variant:<20}" + "".join(cells))
     print("\ntrainable parameters per variant (n/a: GPT-J has no gate projection)\n" + "\n".join(lines))
     assert variant_count("llama-13b", "interlora") == 7_478_440  # the table is the paper's where they overlap
+
+
+def test_readme_lists_the_counts_the_code_gives():
+    """Each README row `| \`variant\` | ... | llama-7b | llama-13b | gptj-6b |` is what the code counts."""
+    readme = (ROOT / "README.md").read_text()
+    rows = {}
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 5 and cells[0].strip("`") in VARIANTS and cells[0].startswith("`"):
+            rows[cells[0].strip("`")] = cells[2:]
+    assert rows.keys() == VARIANTS.keys(), "the README's variant table lists other variants than VARIANTS"
+    for variant, cells in rows.items():
+        for model_name, cell in zip(["llama-7b", "llama-13b", "gptj-6b"], cells):
+            count = variant_count(model_name, variant)
+            assert cell == (f"{count:,}" if isinstance(count, int) else "n/a"), (variant, model_name, cell)
 
 
 # ----------------------------------------------------------------------------- 2. freshly added, freezing
