@@ -18,7 +18,7 @@ import tempfile
 import unicodedata
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import sentencepiece
@@ -401,17 +401,6 @@ def collate(examples, pad_id):
     return input_ids, labels, attention_mask
 
 
-def left_pad(prompts, pad_id):
-    """Left-pad prompts for generation, so every row's next token goes in the same last column."""
-    lengths = torch.tensor([len(ids) for ids in prompts])  # (B,)
-    T = int(lengths.max())
-    input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    for row, ids in enumerate(prompts):
-        input_ids[row, T - len(ids):] = torch.tensor(ids, dtype=torch.long)
-    attention_mask = torch.arange(T)[None, :] >= (T - lengths)[:, None]  # (B, T), True on real tokens
-    return input_ids, attention_mask
-
-
 # -----------------------------------------------------------------------------
 # Scoring: LLM-Adapters' answer extraction, kept exactly so accuracies compare with the paper
 
@@ -455,7 +444,21 @@ def is_correct(dataset, response, answer):
 
 
 # -----------------------------------------------------------------------------
-# Output files: folders checked up front, files replaced atomically
+# Command lines and output files: settings from a dataclass, folders checked up front,
+# files replaced atomically
+
+def settings_from_command_line(settings_class, description, argv=None):
+    """(parser, settings): one --flag per field of the dataclass, its help from the field's metadata."""
+    parser = argparse.ArgumentParser(description=description)
+    for f in fields(settings_class):
+        help_text = f.metadata["help"]
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
+        else:
+            shown = "" if "default" in help_text else f" (default: {f.default})"
+            parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=help_text + shown)
+    return parser, settings_class(**vars(parser.parse_args(argv)))
+
 
 def tokenizer_for(model_name, checkpoint_dir):
     """The tokenizer of a model preset: bytes for the random tiny presets, else the checkpoint's."""

@@ -9,20 +9,19 @@ the KV cache; each prediction is appended to predictions.jsonl as its batch fini
 interrupted evaluation resumes where it stopped. At the end results.md (a table shaped like
 the paper's Table 1/2) and results.json are written next to the predictions.
 """
-import argparse
 import contextlib
 import hashlib
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 from tqdm import tqdm
 
 import interlora
 from data import (DataError, extract_answer, generate_prompt, is_correct, load_task, make_output_dir,
-                  tokenizer_for, write_json, write_text)
+                  settings_from_command_line, tokenizer_for, write_json, write_text)
 from interlora import AdapterError
 from model import CheckpointError, load_model
 
@@ -44,14 +43,7 @@ class EvalSettings:
 
 
 def parse_settings(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in fields(EvalSettings):
-        if f.type is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
-        else:
-            shown = "" if "default" in f.metadata["help"] else f" (default: {f.default})"
-            parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f.metadata["help"] + shown)
-    s = EvalSettings(**vars(parser.parse_args(argv)))
+    parser, s = settings_from_command_line(EvalSettings, __doc__.split("\n\n")[0], argv)
     if not s.adapter and not (s.base and s.model and s.task):
         parser.error("pass --adapter FILE, or --base with --model and --task")
     s.device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")

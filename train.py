@@ -8,22 +8,21 @@ Writes into --out_dir: settings.json, log.jsonl (one line per optimizer step), c
 (adapters + optimizer + RNG, every --save_every steps, for --resume) and, at the end,
 adapter.pt (the adapter file eval.py reads).
 """
-import argparse
 import contextlib
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import interlora
-from data import (DataError, collate, load_task, make_output_dir, tokenize_item, tokenizer_for, write_json,
-                  write_text)
+from data import (DataError, collate, load_task, make_output_dir, settings_from_command_line, tokenize_item,
+                  tokenizer_for, write_json, write_text)
 from interlora import AdapterError, InterLoRAConfig
 from model import CheckpointError, ModelConfig, load_model
 
@@ -67,14 +66,7 @@ class RunStopped(RuntimeError):
 
 
 def parse_settings(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in fields(TrainSettings):
-        if f.type is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
-        else:
-            shown = "" if "default" in f.metadata["help"] else f" (default: {f.default})"
-            parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f.metadata["help"] + shown)
-    s = TrainSettings(**vars(parser.parse_args(argv)))
+    parser, s = settings_from_command_line(TrainSettings, __doc__.split("\n\n")[0], argv)
     if s.method not in interlora.VARIANTS:
         parser.error(f"unknown --method {s.method!r}: choose one of {', '.join(interlora.VARIANTS)}")
     s.checkpoint_dir = s.checkpoint_dir or os.path.join("checkpoints", s.model)

@@ -38,7 +38,6 @@ path of eval.py: sorted by length, --eval_batch_size per batch, KV cache, --new_
 (256 for math), stopping at the tokenizer's EOS. Random weights rarely emit EOS, so nearly
 every prompt runs the full 256 tokens: a worst case for the real workload.
 """
-import argparse
 import contextlib
 import gc
 import json
@@ -47,14 +46,14 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python bench/generate_speed.py
 import interlora  # noqa: E402
-from data import ByteTokenizer, generate_prompt, load_task, load_tokenizer  # noqa: E402
+from data import ByteTokenizer, generate_prompt, load_task, load_tokenizer, settings_from_command_line  # noqa: E402
 from interlora import InterLoRAConfig  # noqa: E402
 from bench.common import (default_dtype, device_description, error_text, fmt, free_memory, hf_config,  # noqa: E402
                           peak_memory_gb, synchronize, versions)
@@ -89,14 +88,7 @@ class Settings:
 
 
 def parse_settings(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(Settings):
-        if f.type is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
-        else:
-            parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f.metadata["help"])
-    s = Settings(**vars(parser.parse_args(argv)))
+    parser, s = settings_from_command_line(Settings, __doc__.split("\n\n")[0], argv)
     s.device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = s.device == "cuda"
     s.model = s.model or ("llama-7b" if cuda else "tiny")

@@ -40,7 +40,6 @@ datasheet dense bf16 rate (--peak_tflops, H100 SXM 989.5 TFLOP/s by default) and
 an 8192^3 bf16 matmul measured in the same run. Peak memory is torch.cuda.max_memory_allocated
 over the row (weights, activations, gradients and optimizer state).
 """
-import argparse
 import contextlib
 import gc
 import json
@@ -50,7 +49,7 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -59,6 +58,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python bench/train_speed.py
 import interlora  # noqa: E402
 from interlora import InterLoRAConfig  # noqa: E402
+from data import settings_from_command_line  # noqa: E402
 from bench.common import (default_dtype, device_description, error_text, fmt, free_memory, hf_config,  # noqa: E402
                           peak_memory_gb, synchronize, versions)
 from model import ModelConfig, Transformer  # noqa: E402
@@ -86,14 +86,7 @@ class Settings:
 
 
 def parse_settings(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(Settings):
-        if f.type is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", help=f.metadata["help"])
-        else:
-            parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=f.metadata["help"])
-    s = Settings(**vars(parser.parse_args(argv)))
+    parser, s = settings_from_command_line(Settings, __doc__.split("\n\n")[0], argv)
     if s.attention_mask not in ("ones", "none"):
         parser.error(f"--attention_mask {s.attention_mask!r}: expected ones or none")
     s.device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -15,7 +15,7 @@ import torch
 
 from conftest import shared_path
 from data import (COMMONSENSE_DATASETS, MATH_DATASETS, ByteTokenizer, DataError, collate, download, extract_answer,
-                  generate_prompt, is_correct, left_pad, load_task, main, read_items, tokenize_item)
+                  generate_prompt, is_correct, load_task, main, read_items, tokenize_item)
 
 # SPEC §3: the only sizes consistent with every accuracy in the paper's Table 1
 MATH_TEST_SIZES = {"AQuA": 51, "AddSub": 79, "MultiArith": 110, "SVAMP": 200, "SingleEq": 102, "gsm8k": 264}
@@ -173,13 +173,6 @@ def test_collate_pads_right():
     assert input_ids.tolist() == [[5, 6, 7, 0, 0], [8, 9, 10, 11, 12], [13, 0, 0, 0, 0]]
     assert labels.tolist() == [[-100, 6, 7, -100, -100], [8, 9, 10, 11, 12], [13, -100, -100, -100, -100]]
     assert mask.tolist() == [[True] * 3 + [False] * 2, [True] * 5, [True] + [False] * 4]
-
-
-def test_left_pad():
-    input_ids, mask = left_pad([[5, 6, 7], [8], [9, 10, 11, 12]], pad_id=2)
-    assert input_ids.dtype == torch.long and mask.dtype == torch.bool
-    assert input_ids.tolist() == [[2, 5, 6, 7], [2, 2, 2, 8], [9, 10, 11, 12]]
-    assert mask.tolist() == [[False, True, True, True], [False, False, False, True], [True] * 4]
 
 
 # -----------------------------------------------------------------------------
