@@ -617,14 +617,19 @@ def load_checkpoint(path, name=None, device="cpu", dtype=None):
     with torch.device("meta"):
         model = Transformer(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    state = {}
+    state, converted = {}, {}  # converted: id of a whole source tensor -> its copy (tied weights: one copy)
     for key, pieces, dim in tensors:
         if key not in expected:
             raise CheckpointError(f"{folder}: unexpected tensor {key}: is this a {config.family} checkpoint?")
         if dtype is None:  # the checkpoint's own dtype, taken from the first tensor, for every tensor
             dtype = pieces[0].dtype
-        pieces = [p.to(device=device, dtype=dtype) for p in pieces]
-        tensor = pieces[0] if dim is None or len(pieces) == 1 else torch.cat(pieces, dim=dim)
+        if len(pieces) == 1:
+            if id(pieces[0]) not in converted:
+                converted[id(pieces[0])] = pieces[0].to(device=device, dtype=dtype)
+            tensor = converted[id(pieces[0])]
+        else:  # model-parallel shards: each piece to the device, then joined there
+            pieces = [p.to(device=device, dtype=dtype) for p in pieces]
+            tensor = pieces[0] if dim is None else torch.cat(pieces, dim=dim)
         if tensor.shape != expected[key]:
             raise CheckpointError(f"{folder}: tensor {key} has shape {tuple(tensor.shape)} but the config gives "
                                   f"{tuple(expected[key])}: the weights do not match params.json/config.json")

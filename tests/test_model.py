@@ -303,6 +303,19 @@ def test_hf_file_layouts_match_transformers(saved, tmp_path, layout):
         assert_logits_equal(load_checkpoint(folder)(idx), hf_logits(hf_model, idx))
 
 
+def test_tied_embeddings_load_as_one_tensor(tmp_path):
+    """A LLaMA with tie_word_embeddings has no lm_head in its file: the output reuses the embedding."""
+    torch.manual_seed(3)
+    hf_model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                            num_attention_heads=4, vocab_size=300, tie_word_embeddings=True)).eval()
+    hf_model.save_pretrained(tmp_path)
+    idx = random_tokens(2, 7, seed=3)
+    with torch.no_grad():
+        assert_logits_equal(load_checkpoint(tmp_path)(idx), hf_logits(hf_model, idx))
+    model = load_checkpoint(tmp_path, dtype=torch.bfloat16)  # converted once, not once per name
+    assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
+
+
 def test_bfloat16_load(saved):
     hf_model, folder = saved("llama")
     model = load_checkpoint(folder, dtype=torch.bfloat16)
