@@ -6,23 +6,23 @@ the prompt, batching, and the answer scoring the paper's tables use.
 The tokenizers need no third-party tokenizer library: LLaMA goes through sentencepiece,
 GPT-J through a GPT-2 byte-level BPE written below that gives the reference ids.
 """
-import argparse
 import functools
 import hashlib
 import http.client
 import json
 import os
 import re
-import sys
 import tempfile
 import unicodedata
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece
 import torch
+
+import runs
 
 
 class DataError(ValueError):
@@ -283,6 +283,12 @@ def load_tokenizer(folder):
                     f"found neither: point to the checkpoint folder that holds the tokenizer files")
 
 
+def tokenizer_for(model_name, checkpoint_dir):
+    """The tokenizer of a model preset: bytes for the random tiny presets, else the checkpoint's."""
+    return ByteTokenizer() if model_name.startswith("tiny") else load_tokenizer(checkpoint_dir)
+
+
+
 # -----------------------------------------------------------------------------
 # Tasks: LLM-Adapters' JSON lists of {instruction, input, output, answer}
 
@@ -308,9 +314,13 @@ def read_items(path):
         raise DataError(f'{path} not found: run "python data.py download --data_dir {data_dir}" first')
     try:
         items = json.loads(path.read_text(encoding="utf-8"))
+    except PermissionError:
+        raise DataError(f"cannot read {path}: permission denied") from None
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}): "
                         f"delete it and download it again") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}): delete it and download it again") from None
     if not isinstance(items, list):
         raise DataError(f"{path}: expected a JSON list of items, found {type(items).__name__}: "
                         f"is this an LLM-Adapters file?")
@@ -444,51 +454,6 @@ def is_correct(dataset, response, answer):
 
 
 # -----------------------------------------------------------------------------
-# Command lines and output files: settings from a dataclass, folders checked up front,
-# files replaced atomically
-
-def settings_from_command_line(settings_class, description, argv=None):
-    """(parser, settings): one --flag per field of the dataclass, its help from the field's metadata."""
-    parser = argparse.ArgumentParser(description=description)
-    for f in fields(settings_class):
-        help_text = f.metadata["help"]
-        if f.type is bool:
-            parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
-        else:
-            shown = "" if "default" in help_text else f" (default: {f.default})"
-            parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=help_text + shown)
-    return parser, settings_class(**vars(parser.parse_args(argv)))
-
-
-def tokenizer_for(model_name, checkpoint_dir):
-    """The tokenizer of a model preset: bytes for the random tiny presets, else the checkpoint's."""
-    return ByteTokenizer() if model_name.startswith("tiny") else load_tokenizer(checkpoint_dir)
-
-
-def make_output_dir(path):
-    """Create an output folder and prove it writable now, not after hours of work."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise DataError(f"cannot write to output folder {path} ({e.strerror or e}): choose another folder") from None
-    return path
-
-
-def write_text(path, text):
-    """Write a file through a temp file and a rename: readers never see half of it."""
-    handle, temp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(temp, path)
-
-
-def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-# -----------------------------------------------------------------------------
 # Download, pinned to one LLM-Adapters commit and checked against known sha256 sums
 
 BASE_URL = "https://raw.githubusercontent.com/AGI-Edgerunners/LLM-Adapters/816657208af4db747803f87ba40a4c71383fed7a/"
@@ -524,6 +489,7 @@ def file_problem(path, relative):
 
 def fetch(url, path, relative, timeout):
     """Download url to path through a temp file beside it, renamed only once verified."""
+    new_folders = [p for p in reversed(path.parents) if not p.exists()]  # to remove again if this fails
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
     temp = Path(temp_name)
@@ -543,9 +509,13 @@ def fetch(url, path, relative, timeout):
         if problem:
             raise DataError(f"{url}: the downloaded file is not the expected one ({problem}): run again, "
                             f"or check that --base_url serves LLM-Adapters at commit 8166572")
+        os.chmod(temp, runs.plain_file_mode())
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)  # gone already if renamed; otherwise leave no half file
+        for folder in reversed(new_folders):  # and no empty folders
+            if folder.exists() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def download(data_dir, task="all", base_url=BASE_URL, timeout=60):
@@ -565,19 +535,19 @@ def download(data_dir, task="all", base_url=BASE_URL, timeout=60):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Fetch the LLM-Adapters data files the tasks use.")
+    parser = runs.OneLineParser(description="Fetch the LLM-Adapters data files the tasks use.")
     commands = parser.add_subparsers(dest="command", required=True)
     fetch = commands.add_parser("download", help="download the training and test files")
-    fetch.add_argument("--data_dir", default="data", help="where to put dataset/ and ft-training_set/")
-    fetch.add_argument("--task", default="all", choices=["math", "commonsense", "all"])
+    fetch.add_argument("--data_dir", default="data", help="where to put dataset/ and ft-training_set/ (default: data)")
+    fetch.add_argument("--task", default="all", choices=["math", "commonsense", "all"],
+                       help="which task's training and test files (default: all)")
     fetch.add_argument("--base_url", default=BASE_URL, help="a copy of the repository at commit 8166572")
-    fetch.add_argument("--timeout", type=float, default=60, help="seconds to wait for the server")
-    args = parser.parse_args(argv)
-    try:
+    fetch.add_argument("--timeout", type=float, default=60, help="seconds to wait for the server (default: 60)")
+
+    def command(argv):
+        args = parser.parse_args(argv)
         download(args.data_dir, args.task, args.base_url, args.timeout)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    runs.run_command(command, argv, errors=(DataError,))
 
 
 if __name__ == "__main__":

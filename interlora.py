@@ -21,6 +21,7 @@ last T columns, and S > T tells it that T new tokens follow S - T earlier ones.
 Depends only on torch; the public names are the ones without a leading underscore.
 """
 import inspect
+import io
 import json
 import math
 import os
@@ -266,11 +267,22 @@ def save_adapter(path, model, cfg, info=None):
     payload = {"format": "interlora-adapter", "version": 1, "config": asdict(cfg), "info": info,
                "base": _base_description(model),
                "tensors": {k: v.cpu() for k, v in adapter_state_dict(model).items()}}
-    handle, temp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".adapter-")
+    # a temporary file beside the target, renamed over it: readers see the old file or the new one
+    folder, name = os.path.split(os.path.abspath(path))
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)  # in memory first: torch.save into a file hides a full disk's OSError
+    handle, temp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as f:
-            torch.save(payload, f)
-        os.replace(temp, path)  # readers see the old file or the new one, never half of one
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(temp, 0o666 & ~mask)  # the permissions of a plainly created file, not mkstemp's 0600
+        os.replace(temp, path)
+    except OSError as e:
+        raise AdapterError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         if os.path.exists(temp):
             os.unlink(temp)
@@ -282,6 +294,8 @@ def read_adapter(path):
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise AdapterError(f"adapter file {path} not found") from None
+    except PermissionError:
+        raise AdapterError(f"cannot read adapter {path}: permission denied") from None
     except Exception as e:  # truncated zip, foreign pickle, not a torch file at all
         raise AdapterError(f"cannot read adapter {path} ({type(e).__name__}): the file is corrupt or "
                            "not an InterLoRA adapter") from None

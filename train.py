@@ -5,26 +5,39 @@
     python train.py --model tiny --task math --max_steps 20           # random tiny model, any machine
 
 Writes into --out_dir: settings.json, log.jsonl (one line per optimizer step), checkpoint.pt
-(adapters + optimizer + RNG, every --save_every steps, for --resume) and, at the end,
-adapter.pt (the adapter file eval.py reads).
+(adapters + optimizer + RNG, every --save_every steps and at the end) and, last, adapter.pt
+(the adapter file eval.py reads). What a rerun does depends on what the folder holds:
+
+    the folder holds                      python train.py ...        ... --resume
+    nothing                               starts                     error: nothing to resume
+    a log, no checkpoint (stopped early)  starts over, says so       starts over, says so
+    checkpoint.pt, no adapter.pt          error: pass --resume       continues from the checkpoint
+    adapter.pt (finished)                 error: choose another      nothing to do, says so
 """
-import contextlib
-import json
-import math
 import os
-import sys
-import time
-from dataclasses import asdict, dataclass, field
 
-import torch
-import torch.nn.functional as F
-from tqdm import tqdm
+# MKL picks matmul kernels by the memory alignment of the operands unless told to be reproducible
+# (its "conditional numerical reproducibility"); without this, two processes doing the same
+# training can differ in the last bits, and resuming in a new process would not be bit-exact.
+# Set before torch loads MKL; the measured cost is in the README.
+os.environ.setdefault("MKL_CBWR", "AUTO")
 
-import interlora
-from data import (DataError, collate, load_task, make_output_dir, settings_from_command_line, tokenize_item,
-                  tokenizer_for, write_json, write_text)
-from interlora import AdapterError, InterLoRAConfig
-from model import CheckpointError, ModelConfig, load_model
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import interlora  # noqa: E402
+import runs  # noqa: E402
+from data import TASKS, DataError, collate, load_task, tokenize_item, tokenizer_for  # noqa: E402
+from interlora import AdapterError, InterLoRAConfig  # noqa: E402
+from model import CheckpointError, ModelConfig, load_model  # noqa: E402
+from runs import RunError  # noqa: E402
 
 
 @dataclass
@@ -36,42 +49,44 @@ class TrainSettings:
     checkpoint_dir: str = field(default="", metadata={"help": "folder of the base weights (default checkpoints/<model>)"})
     data_dir: str = field(default="data", metadata={"help": "LLM-Adapters data (python data.py download)"})
     out_dir: str = field(default="", metadata={"help": "output folder (default out/<model>-<task>-<method>)"})
-    r: int = field(default=0, metadata={"help": "LoRA rank (default 0: the method's, 4 for interlora, 10 for lora)"})
-    alpha: float = field(default=0.0, metadata={"help": "LoRA alpha, lambda = alpha / r (default 0: 2r)"})
-    dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    r: int = field(default=0, metadata={"help": "LoRA rank (default 0: the method's, 4 for interlora, 10 for lora)",
+                                        "min": 0})
+    alpha: float = field(default=0.0, metadata={"help": "LoRA alpha, lambda = alpha / r (default 0: 2r)", "min": 0})
+    dropout: float = field(default=0.05, metadata={"help": "LoRA dropout", "min": 0, "below": 1})
     gate_pool: str = field(default="mean", metadata={"help": "head-gate pooling: mean (paper) or causal"})
-    lr: float = field(default=3e-4, metadata={"help": "peak learning rate"})
-    epochs: int = field(default=3, metadata={"help": "passes over the training set"})
-    micro_batch_size: int = field(default=4, metadata={"help": "sequences per forward pass"})
-    grad_accum: int = field(default=4, metadata={"help": "micro-batches per optimizer step (batch 16 = 4 x 4)"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps, then linear decay to 0"})
-    cutoff_len: int = field(default=256, metadata={"help": "tokens per training sequence"})
+    lr: float = field(default=3e-4, metadata={"help": "peak learning rate", "above": 0})
+    epochs: int = field(default=3, metadata={"help": "passes over the training set", "min": 1})
+    micro_batch_size: int = field(default=4, metadata={"help": "sequences per forward pass", "min": 1})
+    grad_accum: int = field(default=4, metadata={"help": "micro-batches per optimizer step (batch 16 = 4 x 4)",
+                                                 "min": 1})
+    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps, then linear decay to 0", "min": 0})
+    cutoff_len: int = field(default=256, metadata={"help": "tokens per training sequence", "min": 2})
     mask_prompt: bool = field(default=False, metadata={"help": "no loss on the prompt (default: loss on prompt and response)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping", "above": 0})
     seed: int = field(default=42, metadata={"help": "seed of adapter init, data order and dropout"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (default 0: the epochs decide)"})
-    save_every: int = field(default=100, metadata={"help": "save checkpoint.pt every N optimizer steps"})
-    resume: bool = field(default=False, metadata={"help": "continue from out_dir/checkpoint.pt"})
+    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (default 0: the epochs decide)",
+                                                "min": 0})
+    save_every: int = field(default=100, metadata={"help": "save checkpoint.pt every N optimizer steps", "min": 1})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --out_dir (see the table above)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward (less memory)"})
     device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
 
 
 # Settings that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = {"resume", "compile", "grad_checkpointing", "checkpoint_dir", "data_dir", "device"}
-
-
-class RunStopped(RuntimeError):
-    """A run that stopped early (non-finite loss, interruption); the last checkpoint stays."""
+RESUMABLE_CHANGES = {"resume", "compile", "grad_checkpointing", "checkpoint_dir", "data_dir", "device", "out_dir"}
 
 
 def parse_settings(argv=None):
-    parser, s = settings_from_command_line(TrainSettings, __doc__.split("\n\n")[0], argv)
+    s = runs.settings_from_command_line(TrainSettings, __doc__.split("\n\n")[0], argv)
     if s.method not in interlora.VARIANTS:
-        parser.error(f"unknown --method {s.method!r}: choose one of {', '.join(interlora.VARIANTS)}")
+        raise RunError(f"unknown --method {s.method!r}: choose one of {', '.join(interlora.VARIANTS)}")
+    if s.task not in TASKS:
+        raise RunError(f"unknown --task {s.task!r}: expected one of {', '.join(TASKS)}")
+    ModelConfig.from_name(s.model)
     s.checkpoint_dir = s.checkpoint_dir or os.path.join("checkpoints", s.model)
     s.out_dir = s.out_dir or os.path.join("out", f"{s.model}-{s.task}-{s.method}")
-    s.device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    s.device = runs.choose_device(s.device)
     return s
 
 
@@ -91,62 +106,118 @@ def step_batches(examples, settings, step, steps_per_epoch):
     return [chosen[i:i + settings.micro_batch_size] for i in range(0, len(chosen), settings.micro_batch_size)]
 
 
-def save_checkpoint(path, step, model, optimizer, settings):
-    state = {"step": step, "settings": asdict(settings), "adapter": interlora.adapter_state_dict(model),
-             "optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a crash leaves the previous checkpoint intact
-
-
 def memory_gb(device):
-    if device == "cuda":
+    if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**30
     import resource  # peak resident memory of this process (Linux reports KiB)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def folder_state(out):
+    """What an output folder holds: new, started (stopped before its first save), unfinished, finished."""
+    if os.path.exists(os.path.join(out, "adapter.pt")):
+        return "finished"
+    if os.path.exists(os.path.join(out, "checkpoint.pt")):
+        return "unfinished"
+    if any(os.path.exists(os.path.join(out, name)) for name in ("log.jsonl", "settings.json")):
+        return "started"
+    return "new"
+
+
+def check_rerun(s, state, announce):
+    """Refuse what a rerun must not do to the folder; True when there is nothing left to do."""
+    out = s.out_dir
+    if state == "new" and s.resume:
+        raise RunError(f"nothing to resume in {out}: it holds no checkpoint.pt; run without --resume to start")
+    if state == "unfinished" and not s.resume:
+        raise RunError(f"{out} holds an unfinished run (checkpoint.pt): pass --resume to continue it, "
+                       "or choose another --out_dir")
+    if state == "finished" and not s.resume:
+        raise RunError(f"{out} holds a finished run (adapter.pt): choose another --out_dir")
+    if state == "finished":
+        saved = runs.read_json(os.path.join(out, "settings.json"), "delete it, or choose another --out_dir")
+        check_same_settings(saved["settings"], s, os.path.join(out, "settings.json"))
+        print(f"nothing to do: {out}/adapter.pt is the finished run ({saved['total_steps']} steps)")
+        return True
+    if state == "started" and announce:
+        print(f"{out}: the run there stopped before its first save; starting it over")
+    return False
+
+
+def check_same_settings(saved, s, path):
+    changed = sorted(k for k, v in saved.items() if getattr(s, k, None) != v and k not in RESUMABLE_CHANGES)
+    if changed:
+        raise RunError(f"{path} was written with other settings ({', '.join(f'--{k} {saved[k]}' for k in changed)}): "
+                       "resume with the same settings, or choose another --out_dir")
+
+
 def train(s):
-    print(json.dumps(asdict(s), indent=2))
-    # names, data and output folder first: a mistake should fail before minutes of loading weights
-    ModelConfig.from_name(s.model)
+    # everything that can be checked without the weights is checked first: a mistake should
+    # fail in seconds, before minutes of loading, and leave no output folder behind
     cfg = InterLoRAConfig(**interlora.VARIANTS[s.method], r=s.r, alpha=s.alpha, dropout=s.dropout,
                           gate_pool=s.gate_pool)
+    print(json.dumps(asdict(s), indent=2))
     task = load_task(s.task, s.data_dir, datasets=[])
-    out = make_output_dir(s.out_dir)
-    checkpoint_path = os.path.join(out, "checkpoint.pt")
-    has_run = os.path.exists(checkpoint_path) or os.path.exists(os.path.join(out, "adapter.pt"))
-    if has_run and not s.resume:
-        raise DataError(f"{out} already holds a run: pass --resume to continue it or choose another --out_dir")
-    torch.manual_seed(s.seed)
-    cuda = s.device == "cuda"
-    model = load_model(s.model, s.checkpoint_dir, device=s.device, dtype=torch.bfloat16 if cuda else torch.float32)
+    if not task.train:
+        raise DataError(f"the {s.task} training file in {s.data_dir} holds no items: download it again "
+                        "(python data.py download)")
     tokenizer = tokenizer_for(s.model, s.checkpoint_dir)
     examples = [tokenize_item(tokenizer, item, s.cutoff_len, train_on_inputs=not s.mask_prompt) for item in task.train]
+    runs.check_output_dir(s.out_dir)
+    if check_rerun(s, folder_state(s.out_dir), announce=False):
+        return
 
+    torch.manual_seed(s.seed)
+    cuda = s.device.startswith("cuda")
+    model = load_model(s.model, s.checkpoint_dir, device=s.device, dtype=torch.bfloat16 if cuda else torch.float32)
     interlora.add_interlora(model, cfg)
     model.grad_checkpointing = s.grad_checkpointing
     params = [p for name, p in model.named_parameters() if interlora.is_adapter_parameter(name)]
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     print(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.3f}%)")
-    print(f"adapter config: {asdict(cfg)}")
+    print(f"adapter config: {json.dumps(asdict(cfg))}")
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0, fused=cuda)
-
     steps_per_epoch = math.ceil(len(examples) / (s.micro_batch_size * s.grad_accum))
     total_steps = s.max_steps or s.epochs * steps_per_epoch
-    step = 0
-    if s.resume and os.path.exists(checkpoint_path):
-        step = resume(checkpoint_path, model, optimizer, s)
-        print(f"resumed from {checkpoint_path} at step {step}")
-        keep_log_until(os.path.join(out, "log.jsonl"), step)
-    write_json(os.path.join(out, "settings.json"), {"settings": asdict(s), "adapter": asdict(cfg),
-                                                    "trainable_parameters": n_trainable, "total_steps": total_steps})
 
+    out = runs.OutputDir(s.out_dir)  # from here on this process owns the folder
+    try:
+        state = folder_state(out.path)
+        if check_rerun(s, state, announce=True):  # again, now under the lock: another run may have come and gone
+            return
+        log = runs.JsonLines(out / "log.jsonl")
+        step = 0
+        if state == "unfinished":
+            step = resume(out / "checkpoint.pt", model, optimizer, s)
+            print(f"resumed from {out / 'checkpoint.pt'} at step {step} of {total_steps}")
+        # the log holds each step once: the steps a resumed run redoes are dropped (and anything unreadable)
+        records, _ = log.read(lambda r: isinstance(r, dict) and isinstance(r.get("step"), int))
+        log.rewrite([r for r in records if r["step"] <= step])
+        runs.write_json(out / "settings.json", {"settings": asdict(s), "adapter": asdict(cfg),
+                                                "trainable_parameters": n_trainable, "total_steps": total_steps})
+        try:
+            step = train_loop(s, model, optimizer, params, examples, tokenizer, out, log, step, total_steps,
+                              steps_per_epoch)
+        finally:
+            log.close()
+        info = {"model": s.model, "task": s.task, "method": s.method, "checkpoint_dir": s.checkpoint_dir,
+                "steps": step, "trainable_parameters": n_trainable}
+        try:
+            interlora.save_adapter(out / "adapter.pt", model, cfg, info)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"while writing adapter.pt; checkpoint.pt holds all {step} steps: "
+                                    "run again with --resume to write it") from None
+    finally:
+        out.close()
+    print(f"wrote {out / 'adapter.pt'}: evaluate with python eval.py --adapter {out / 'adapter.pt'}")
+
+
+def train_loop(s, model, optimizer, params, examples, tokenizer, out, log, step, total_steps, steps_per_epoch):
+    """Optimizer steps from `step` to total_steps; checkpoint.pt every save_every steps and at the end."""
     runner = torch.compile(model) if s.compile else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if s.device.startswith("cuda") else contextlib.nullcontext()
     model.train()
-    log = open(os.path.join(out, "log.jsonl"), "a")
+    saved = step or None  # the step of the last good checkpoint
     bar = tqdm(total=total_steps, initial=step, desc=f"{s.model} {s.task} {s.method}", dynamic_ncols=True)
     try:
         while step < total_steps:
@@ -169,47 +240,43 @@ def train(s):
                 loss_sum += loss.detach() / len(batches)
             loss_value = loss_sum.item()
             if not math.isfinite(loss_value):
-                raise RunStopped(f"loss is {loss_value} at step {step + 1}: lower --lr or check the data; "
-                                 f"{last_save(checkpoint_path)}")
+                raise RunError(f"loss is {loss_value} at step {step + 1}: lower --lr or check the data; "
+                               f"{last_save(out, saved)}")
             torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_per_s = tokens / (time.time() - t0)
-            log.write(json.dumps({"step": step, "loss": round(loss_value, 5), "lr": lr,
-                                  "tokens_per_s": round(tokens_per_s, 1)}) + "\n")
-            log.flush()
+            log.append([{"step": step, "loss": round(loss_value, 5), "lr": lr, "tokens_per_s": round(tokens_per_s, 1)}])
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
                             mem=f"{memory_gb(s.device):.1f}GB")
             bar.update()
             if step % s.save_every == 0 or step == total_steps:
-                save_checkpoint(checkpoint_path, step, model, optimizer, s)
+                save_checkpoint(out / "checkpoint.pt", step, model, optimizer, s)
+                saved = step
     except KeyboardInterrupt:
-        bar.close()
-        raise RunStopped(f"interrupted after step {step}: continue with --resume; {last_save(checkpoint_path)}") from None
+        raise KeyboardInterrupt(f"during step {step + 1}; {last_save(out, saved)}") from None
     finally:
         bar.close()
-        log.close()
-
-    info = {"model": s.model, "task": s.task, "method": s.method, "checkpoint_dir": s.checkpoint_dir,
-            "steps": step, "trainable_parameters": n_trainable}
-    interlora.save_adapter(os.path.join(out, "adapter.pt"), model, cfg, info)
-    print(f"wrote {os.path.join(out, 'adapter.pt')}: evaluate with python eval.py --adapter "
-          f"{os.path.join(out, 'adapter.pt')}")
+    return step
 
 
-def last_save(path):
-    if not os.path.exists(path):
-        return "nothing was saved yet"
-    return f"the last good save ({torch.load(path, weights_only=True)['step']} steps) is {path}"
+def last_save(out, saved):
+    if saved is None:
+        return "nothing was saved yet: run the same command again to start over"
+    return f"the last good save is step {saved} ({out / 'checkpoint.pt'}): continue with --resume"
+
+
+def save_checkpoint(path, step, model, optimizer, settings):
+    state = {"step": step, "settings": asdict(settings), "adapter": interlora.adapter_state_dict(model),
+             "optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    runs.save_torch(path, state)  # atomic: a crash or a full disk leaves the previous checkpoint intact
 
 
 def resume(path, model, optimizer, s):
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    changed = {k for k, v in state["settings"].items() if getattr(s, k, None) != v} - RESUMABLE_CHANGES
-    if changed:
-        raise DataError(f"{path} was saved with other settings ({', '.join(sorted(changed))}): resume with the "
-                        "same settings or start a new --out_dir")
+    state = runs.load_torch(path, "delete it to start the run over, or choose another --out_dir")
+    check_same_settings(state["settings"], s, path)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in state["adapter"].items():
@@ -221,28 +288,9 @@ def resume(path, model, optimizer, s):
     return state["step"]
 
 
-def keep_log_until(path, step):
-    """Drop log lines of steps after `step`, which the resumed run redoes (and a line cut short by a crash)."""
-    if os.path.exists(path):
-        with open(path) as f:
-            lines = f.readlines()
-        kept = []
-        for line in lines:
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except ValueError:
-                break
-        write_text(path, "".join(kept))
-
-
 def main(argv=None):
-    settings = parse_settings(argv)
-    try:
-        train(settings)
-    except (CheckpointError, DataError, AdapterError, RunStopped) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return runs.run_command(lambda argv: train(parse_settings(argv)), argv,
+                            errors=(CheckpointError, DataError, AdapterError))
 
 
 if __name__ == "__main__":

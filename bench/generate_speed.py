@@ -53,7 +53,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python bench/generate_speed.py
 import interlora  # noqa: E402
-from data import ByteTokenizer, generate_prompt, load_task, load_tokenizer, settings_from_command_line  # noqa: E402
+from data import ByteTokenizer, generate_prompt, load_task, load_tokenizer  # noqa: E402
+from runs import settings_from_command_line  # noqa: E402
 from interlora import InterLoRAConfig  # noqa: E402
 from bench.common import (default_dtype, device_description, error_text, fmt, free_memory, hf_config,  # noqa: E402
                           peak_memory_gb, synchronize, versions)
@@ -88,7 +89,7 @@ class Settings:
 
 
 def parse_settings(argv=None):
-    parser, s = settings_from_command_line(Settings, __doc__.split("\n\n")[0], argv)
+    s = settings_from_command_line(Settings, __doc__.split("\n\n")[0], argv)
     s.device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = s.device == "cuda"
     s.model = s.model or ("llama-7b" if cuda else "tiny")

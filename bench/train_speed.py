@@ -58,7 +58,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python bench/train_speed.py
 import interlora  # noqa: E402
 from interlora import InterLoRAConfig  # noqa: E402
-from data import settings_from_command_line  # noqa: E402
+from runs import RunError, settings_from_command_line  # noqa: E402
 from bench.common import (default_dtype, device_description, error_text, fmt, free_memory, hf_config,  # noqa: E402
                           peak_memory_gb, synchronize, versions)
 from model import ModelConfig, Transformer  # noqa: E402
@@ -86,9 +86,9 @@ class Settings:
 
 
 def parse_settings(argv=None):
-    parser, s = settings_from_command_line(Settings, __doc__.split("\n\n")[0], argv)
+    s = settings_from_command_line(Settings, __doc__.split("\n\n")[0], argv)
     if s.attention_mask not in ("ones", "none"):
-        parser.error(f"--attention_mask {s.attention_mask!r}: expected ones or none")
+        raise RunError(f"--attention_mask {s.attention_mask!r}: expected ones or none")
     s.device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = s.device == "cuda"
     s.model = s.model or ("llama-7b,gptj-6b" if cuda else "tiny,tiny-gptj")

@@ -1,5 +1,7 @@
-"""Shared test setup: offline Hugging Face, the project root on sys.path, ../shared data."""
+"""Shared test setup: offline Hugging Face, the project root on sys.path, ../shared data, a tiny task."""
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +13,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from data import MATH_DATASETS  # noqa: E402  (after the path is set)
+
 # Real data and tokenizer files live beside the project, not in it (a user's clone lacks them).
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
@@ -21,3 +25,36 @@ def shared_path(*parts):
     if not path.exists():
         pytest.skip(f"{path} not found: these tests need the shared data folder beside the project")
     return path
+
+
+# ----------------------------------------------------------------------------- the real commands
+
+WORDS = ["apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "flute"]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """A math task whose test sets ask the training questions again (with other outputs, so the
+    whole-record filter of the math split keeps them)."""
+    train = [{"instruction": f"What number goes with {word}?", "input": "", "output": f"The answer is {i + 2}.",
+              "answer": f"{i + 2}.0"} for i, word in enumerate(WORDS)]
+    folder = tmp_path / "data"
+    (folder / "ft-training_set").mkdir(parents=True)
+    (folder / "ft-training_set" / "math_data.json").write_text(json.dumps(train))
+    for name in MATH_DATASETS:
+        (folder / "dataset" / name).mkdir(parents=True)
+        test = [dict(item, output=str(i + 2)) for i, item in enumerate(train)]
+        (folder / "dataset" / name / "test.json").write_text(json.dumps(test))
+    return folder
+
+
+def run(script, *args, cwd=ROOT):
+    """The real command line, as a user types it."""
+    return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+

@@ -263,7 +263,7 @@ def test_print_variant_parameter_counts():
 
 
 def test_readme_lists_the_counts_the_code_gives():
-    """Each README row `| \`variant\` | ... | llama-7b | llama-13b | gptj-6b |` is what the code counts."""
+    """Each README row (| `variant` | ... | llama-7b | llama-13b | gptj-6b |) is what the code counts."""
     readme = (ROOT / "README.md").read_text()
     rows = {}
     for line in readme.splitlines():

@@ -5,8 +5,6 @@ What counts as correct is decided by data.is_correct (checked against LLM-Adapte
 test_data.py), and the untrained base model is the baseline the trained adapter must beat.
 """
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,38 +12,8 @@ import torch
 import eval as evaluate_script
 import interlora
 import train as train_script
-from conftest import ROOT
-from data import MATH_DATASETS
+from conftest import read_jsonl, run
 from model import Transformer
-
-WORDS = ["apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "flute"]
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    """A math task whose test sets ask the training questions again (with other outputs, so the
-    whole-record filter of the math split keeps them)."""
-    train = [{"instruction": f"What number goes with {word}?", "input": "", "output": f"The answer is {i + 2}.",
-              "answer": f"{i + 2}.0"} for i, word in enumerate(WORDS)]
-    folder = tmp_path / "data"
-    (folder / "ft-training_set").mkdir(parents=True)
-    (folder / "ft-training_set" / "math_data.json").write_text(json.dumps(train))
-    for name in MATH_DATASETS:
-        (folder / "dataset" / name).mkdir(parents=True)
-        test = [dict(item, output=str(i + 2)) for i, item in enumerate(train)]
-        (folder / "dataset" / name / "test.json").write_text(json.dumps(test))
-    return folder
-
-
-def run(script, *args):
-    """The real command line, as a user types it."""
-    return subprocess.run([sys.executable, script, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
-
-
-def read_jsonl(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
 
 # A tiny run that learns the task in about 30 s on two cores (every seed tried got 7 or 8 of 8 right).
 TINY = ["--model", "tiny", "--task", "math", "--micro_batch_size", "8", "--grad_accum", "1", "--lr", "5e-3",
@@ -98,7 +66,7 @@ def test_resumed_training_ends_with_the_same_adapter(data_dir, tmp_path, monkeyp
     monkeypatch.setattr(train_script, "get_lr", interrupt_at_step_3)
     with pytest.raises(SystemExit) as stop:
         train_script.main(args + ["--out_dir", str(tmp_path / "resumed")])
-    assert stop.value.code == 2
+    assert stop.value.code == 130  # an interruption, as in eval.py
     assert not (tmp_path / "resumed" / "adapter.pt").exists()
     monkeypatch.setattr(train_script, "get_lr", get_lr)
 
@@ -194,7 +162,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(data_dir, tmp_path):
     assert "SVAMP" in message and "invalid JSON" in message
 
     message = one_line_error(run("train.py", *TINY[:2], "--task", "poetry", "--data_dir", data_dir, "--out_dir", out))
-    assert "unknown task 'poetry'" in message and "math, commonsense" in message
+    assert "unknown --task 'poetry'" in message and "math, commonsense" in message
     message = one_line_error(run("eval.py", "--base", "--model", "tiny", "--task", "math", "--datasets", "MMLU",
                                  "--data_dir", data_dir, "--out_dir", out))
     assert "MMLU" in message and "gsm8k" in message
@@ -211,7 +179,7 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(data_dir, tmp_path):
     message = one_line_error(run("eval.py", "--adapter", run_dir / "adapter.pt", "--model", "tiny-gptj",
                                  "--data_dir", data_dir, "--datasets", "AddSub", "--out_dir", out))
     assert "made for another base model" in message
-    assert not any(out.iterdir())  # the folder is empty: no predictions, no results
+    assert not out.exists()  # no folder, no predictions, no results
 
     message = one_line_error(run("eval.py", "--adapter", tmp_path / "missing.pt"))
     assert "not found" in message

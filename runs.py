@@ -1,0 +1,293 @@
+"""What train.py and eval.py need around the model and the data: settings from the command
+line, one-line errors, the device, the output folder and the files written into it.
+
+The promises kept here, each backed by a test (tests/test_faults.py):
+- A problem is one line on stderr, `error: ...`, never a traceback: what was expected, what
+  was found, what to do. Exit code 2 for a problem, 130 for an interruption (Ctrl-C).
+- Output folders are created only once the inputs are known good, and only one process
+  writes into a folder at a time (a lock on the folder itself, released when the process
+  ends, however it ends).
+- Files are replaced atomically: written to a temporary file beside them, flushed to disk,
+  given the permissions a plainly created file would get (the umask's), then renamed. A
+  reader sees the old file or the new one; a failed write names the file and the cause and
+  leaves the old file and no temporary file.
+"""
+import argparse
+import fcntl
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+
+class RunError(ValueError):
+    """A bad setting, folder or file, or a failed write: the message is the one line the user sees."""
+
+
+# ----------------------------------------------------------------------------- settings
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a RunError (one line) instead of the usage text and exit."""
+
+    def error(self, message):
+        raise RunError(f"{message} (see --help)")
+
+
+def settings_from_command_line(settings_class, description, argv=None):
+    """A settings dataclass from the command line: one --flag per field, help from its metadata.
+
+    A field's metadata may bound it: "min" (inclusive) or "above" (exclusive), "below"
+    (exclusive). Floats must be finite. Violations are RunErrors naming the flag.
+    """
+    parser = OneLineParser(description=description)
+    for f in fields(settings_class):
+        help_text = f.metadata["help"]
+        if f.type is bool:
+            parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
+            continue
+        shown = "" if "default" in help_text or f.default == "" else f" (default: {f.default})"
+        parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=help_text + shown)
+    settings = settings_class(**vars(parser.parse_args(argv)))
+    for f in fields(settings_class):
+        value, bounds = getattr(settings, f.name), f.metadata
+        if isinstance(value, float) and not math.isfinite(value):
+            raise RunError(f"--{f.name} {value}: expected a finite number")
+        for key, fails, words in (("min", lambda v, b: v < b, "at least"), ("above", lambda v, b: v <= b, "above"),
+                                  ("below", lambda v, b: v >= b, "below")):
+            if key in bounds and fails(value, bounds[key]):
+                raise RunError(f"--{f.name} {value}: expected a value {words} {bounds[key]}")
+    return settings
+
+
+def choose_device(name):
+    """The torch device for --device: "" picks cuda when there is one, else the cpu."""
+    if not name:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise RunError(f"--device {name!r} is not a device: expected cpu or cuda (or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise RunError(f"--device {name}: expected cpu or cuda (or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RunError(f"--device {name}: torch sees no CUDA GPU here (torch {torch.__version__}, "
+                       f"CUDA build: {torch.version.cuda is not None}): use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise RunError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return name
+
+
+def run_command(command, argv=None, errors=()):
+    """Call command(argv); a known problem becomes one `error:` line and exit 2, Ctrl-C exit 130.
+
+    OSError (disk full, permission denied, a read-only folder) is a known problem too: its
+    message names the file and the cause. Anything else is a bug and keeps its traceback.
+    """
+    try:
+        return command(argv)
+    except KeyboardInterrupt as e:
+        print(f"error: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        sys.exit(130)
+    except (RunError, *errors) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def cause(e):
+    """What went wrong in an OSError, in the system's words ("No space left on device")."""
+    return e.strerror or str(e)
+
+
+def describe_os_error(e):
+    return f"{e.filename}: {cause(e)}" if e.filename else cause(e)
+
+
+# ----------------------------------------------------------------------------- output folders
+
+def check_output_dir(path):
+    """Make sure `path` is or can become a writable folder, without creating anything yet."""
+    path = Path(path).absolute()
+    existing = path
+    while not existing.exists():  # the nearest ancestor that exists decides
+        existing = existing.parent
+    if not existing.is_dir():
+        raise RunError(f"cannot write to output folder {path}: {existing} is a file, not a folder; "
+                       "choose another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise RunError(f"cannot write to output folder {path}: {existing} is not writable (permission denied); "
+                       "choose another folder")
+
+
+class OutputDir:
+    """An output folder held by this process: created, locked, cleared of stale temporary files.
+
+    The lock is an flock on the folder itself: no lock file is left behind, and the kernel
+    releases it when the process ends, even by SIGKILL.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise RunError(f"cannot write to output folder {self.path}: {cause(e)}") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise RunError(f"another process is writing into {self.path}: wait for it to finish, "
+                           "or choose another output folder") from None
+        for stale in self.path.glob(".*.tmp"):  # left by a process killed while writing
+            stale.unlink()
+
+    def __truediv__(self, name):
+        return self.path / name
+
+    def close(self):
+        os.close(self.fd)  # releases the lock
+
+
+# ----------------------------------------------------------------------------- files
+
+class _Sink:
+    """A file that remembers the OSError of a failed write: torch.save turns it into an opaque
+    RuntimeError ("unexpected pos"), and the user should read "No space left on device"."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        return self.file.flush()
+
+
+def plain_file_mode():
+    """The permissions open() would give a new file: 0o666 less the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_atomically(path, write, binary=False):
+    """Replace `path` by what write(file) writes; all or nothing (see the module's docstring)."""
+    path = Path(path)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    sink = None
+    try:
+        # the file is closed inside the try: closing flushes, and on a full disk that fails too
+        with os.fdopen(handle, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            sink = _Sink(f)
+            write(sink)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before it takes the old file's place
+        os.chmod(temp, plain_file_mode())  # mkstemp makes it private; a plain open() would not
+        os.replace(temp, path)
+    except OSError as e:
+        raise RunError(f"cannot write {path}: {cause(e)}") from None
+    except RuntimeError:
+        if sink is None or sink.error is None:
+            raise
+        raise RunError(f"cannot write {path}: {cause(sink.error)}") from None
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+
+def write_text(path, text):
+    write_atomically(path, lambda f: f.write(text))
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def save_torch(path, obj):
+    write_atomically(path, lambda f: torch.save(obj, f), binary=True)
+
+
+def read_json(path, what):
+    """A JSON file we wrote earlier; unreadable or corrupt is a RunError saying what to do."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except PermissionError:
+        raise RunError(f"cannot read {path}: permission denied") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunError(f"{path} is corrupt ({e}): {what}") from None
+
+
+def load_torch(path, what):
+    """A torch file we wrote earlier (tensors and plain data only); corrupt is a RunError saying what to do."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError:
+        raise RunError(f"cannot read {path}: permission denied") from None
+    except Exception as e:  # a truncated zip, random bytes, a pickle that is more than tensors
+        # torch's own message would advise weights_only=False, i.e. running the file's code: never
+        raise RunError(f"cannot read {path} ({type(e).__name__}): the file is corrupt; {what}") from None
+
+
+class JsonLines:
+    """An append-only file of one JSON record per line, flushed as each is written.
+
+    read() returns the records and the numbers of the lines that are not records (a line
+    cut short by a crash, or garbage), which the caller reports and drops.
+    """
+
+    def __init__(self, path):
+        self.path, self.file = Path(path), None
+
+    def read(self, is_record=lambda record: True):
+        records, bad = [], []
+        if not self.path.exists():
+            return records, bad
+        try:
+            lines = self.path.read_bytes().splitlines()
+        except PermissionError:
+            raise RunError(f"cannot read {self.path}: permission denied") from None
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if is_record(record):
+                records.append(record)
+            else:
+                bad.append(number)
+        return records, bad
+
+    def rewrite(self, records):
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
+
+    def append(self, records, durable=False):
+        try:
+            if self.file is None:
+                self.file = open(self.path, "a", encoding="utf-8")
+            self.file.write("".join(json.dumps(r) + "\n" for r in records))
+            self.file.flush()
+            if durable:
+                os.fsync(self.file.fileno())
+        except OSError as e:
+            raise RunError(f"cannot write {self.path}: {cause(e)}") from None
+
+    def close(self):
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass  # the write that failed already said why
+            self.file = None

@@ -1,0 +1,89 @@
+"""Run train.py or eval.py and SIGKILL the process at a chosen moment, for tests/test_faults.py.
+
+    python tests/kill_at.py MOMENT SCRIPT [ARGS...]
+
+MOMENT is one of
+    step:N     as optimizer step N begins (train.py)
+    save:N     halfway through writing the N-th checkpoint.pt of this process (train.py)
+    adapter    with adapter.pt's temporary file written, before it takes the file's place (train.py)
+    batch:N    as the N-th batch of prompts starts generating (eval.py)
+    append:N   halfway through appending the N-th batch of predictions (eval.py)
+
+SIGKILL cannot be caught: no handler runs, no file is closed, as when the machine dies or the
+kernel kills the process for memory. The moment is chosen here, inside the process, so that a
+test hits it every time.
+"""
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+moment, script, *args = sys.argv[1:]
+kind, _, number = moment.partition(":")
+number = int(number or 0)
+command = __import__(Path(script).stem)  # the script's own settings (MKL's) apply before torch loads
+
+import interlora  # noqa: E402
+import model  # noqa: E402
+import runs  # noqa: E402
+
+calls = {"count": 0, "armed": False}
+
+
+def die():
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def counted(function, on_call):
+    """function, calling on_call(n) before its n-th call."""
+    def wrapper(*a, **k):
+        calls["count"] += 1
+        on_call(calls["count"])
+        return function(*a, **k)
+    return wrapper
+
+
+if kind == "step":
+    get_lr = command.get_lr
+    command.get_lr = lambda step, *rest: die() if step == number - 1 else get_lr(step, *rest)
+elif kind == "save":
+    def arm(n):
+        calls["armed"] = n == number
+    runs.save_torch = counted(runs.save_torch, arm)
+    write = runs._Sink.write
+
+    def write_then_die(self, data):
+        result = write(self, data)
+        if calls["armed"]:  # some of the bytes are in the temporary file: die now
+            self.flush()
+            die()
+        return result
+    runs._Sink.write = write_then_die
+elif kind == "adapter":
+    save_adapter, fsync = interlora.save_adapter, os.fsync
+
+    def armed_save(*a, **k):
+        calls["armed"] = True
+        return save_adapter(*a, **k)
+    command.interlora.save_adapter = armed_save
+    os.fsync = lambda fd: die() if calls["armed"] else fsync(fd)
+elif kind == "batch":
+    model.Transformer.generate = counted(model.Transformer.generate, lambda n: n == number and die())
+elif kind == "append":
+    append = runs.JsonLines.append
+
+    def append_half(self, records, durable=False):
+        calls["count"] += 1
+        if calls["count"] == number:  # half a batch's lines reach the file, then the process dies
+            text = "".join(runs.json.dumps(r) + "\n" for r in records)
+            with open(self.path, "a") as f:
+                f.write(text[: len(text) // 2])
+            die()
+        return append(self, records, durable)
+    runs.JsonLines.append = append_half
+else:
+    sys.exit(f"unknown moment {moment!r}")
+
+command.main(args)
