@@ -294,7 +294,7 @@ def tokenizer_for(model_name, checkpoint_dir):
 
 MATH_DATASETS = ["SVAMP", "AQuA", "AddSub", "MultiArith", "SingleEq", "gsm8k"]  # paper's table order
 COMMONSENSE_DATASETS = ["ARC-Challenge", "ARC-Easy", "boolq", "winogrande", "piqa", "social_i_qa", "openbookqa"]
-TASKS = {  # name -> (training file, test sets, max new tokens at generation (SPEC §3))
+TASKS = {  # name -> (training file, test sets, max new tokens at generation: room for a worked answer, or a keyword)
     "math": ("ft-training_set/math_data.json", MATH_DATASETS, 256),
     "commonsense": ("ft-training_set/commonsense_15k.json", COMMONSENSE_DATASETS, 32),
 }

@@ -3,6 +3,7 @@
     python eval.py --adapter out/llama-7b-math-interlora/adapter.pt
     python eval.py --adapter out/llama-7b-math-interlora/adapter.pt --datasets SVAMP,gsm8k --limit 50
     python eval.py --base --model llama-7b --task math
+    torchrun --standalone --nproc_per_node 2 eval.py --adapter out/llama-7b-math-interlora/adapter.pt
 
 The model, task and adapter settings come from the adapter file. Greedy decoding, batched with
 the KV cache; each prediction is appended to predictions.jsonl as its batch finishes, so an
@@ -25,6 +26,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import distributed  # noqa: E402
 import interlora  # noqa: E402
 import runs  # noqa: E402
 from data import DataError, extract_answer, generate_prompt, is_correct, load_task, tokenizer_for  # noqa: E402
@@ -108,35 +110,65 @@ def check_same_run(path, run):
                        "differ): delete the folder, or choose another --out_dir")
 
 
-def evaluate(s):
+@dataclass
+class Evaluation:
+    """What one evaluation is, settled before any weight is read."""
+    model: str
+    task: str
+    checkpoint_dir: str
+    method: str           # the adapter's method, or "base"
+    out_dir: str
+    run: dict             # what run.json holds: predictions are reused only by the same evaluation
+    items: dict           # dataset -> its test items (the first --limit)
+    prompts: dict         # (dataset, index) -> the prompt
+    keys: dict            # (dataset, index) -> a hash of what decides the prediction and its score
+    max_new_tokens: int
+
+
+def plan(s):
+    """Resolve the settings against the adapter file and the data; checks everything but the weights."""
     info = interlora.read_adapter(s.adapter)["info"] if s.adapter else {}
     model_name, task_name = s.model or info.get("model"), s.task or info.get("task")
     ModelConfig.from_name(model_name)
     checkpoint_dir = s.checkpoint_dir or info.get("checkpoint_dir") or os.path.join("checkpoints", model_name)
-    method = "base" if s.base else info.get("method", "adapter")
     default_out = os.path.join(os.path.dirname(os.path.abspath(s.adapter)) if s.adapter else "out",
                                f"eval-{task_name}" + ("-base" if s.base else ""))
-    out_path = s.out_dir or default_out
+    out_dir = s.out_dir or default_out
     print(json.dumps(asdict(s) | {"model": model_name, "task": task_name, "checkpoint_dir": checkpoint_dir,
-                                  "out_dir": out_path}, indent=2))
-
-    # everything that can be checked without the weights first, and no output folder until they loaded
+                                  "out_dir": out_dir}, indent=2))
     datasets = [d.strip() for d in s.datasets.split(",") if d.strip()] or None
     task = load_task(task_name, s.data_dir, datasets=datasets, with_train=False)
-    tokenizer = tokenizer_for(model_name, checkpoint_dir)
     max_new_tokens = s.max_new_tokens or task.max_new_tokens
-    selected = {name: items[: s.limit or None] for name, items in task.test.items()}
+    items = {name: test[: s.limit or None] for name, test in task.test.items()}
     prompts = {(name, i): generate_prompt(item["instruction"], item["input"])
-               for name, items in selected.items() for i, item in enumerate(items)}
-    keys = {(name, i): item_key(name, prompt, selected[name][i]["answer"]) for (name, i), prompt in prompts.items()}
-    runs.check_output_dir(out_path)
+               for name, test in items.items() for i, item in enumerate(test)}
+    keys = {(name, i): item_key(name, prompt, items[name][i]["answer"]) for (name, i), prompt in prompts.items()}
     run = {"model": model_name, "task": task_name, "base": s.base, "max_new_tokens": max_new_tokens,
            "adapter_sha256": None if s.base else file_sha256(s.adapter),
            "base_weights": base_fingerprint(model_name, checkpoint_dir)}
-    check_same_run(os.path.join(out_path, "run.json"), run)
+    return Evaluation(model_name, task_name, checkpoint_dir, "base" if s.base else info.get("method", "adapter"),
+                      out_dir, run, items, prompts, keys, max_new_tokens)
 
-    cuda = s.device.startswith("cuda")
-    model = load_model(model_name, checkpoint_dir, device=s.device, dtype=torch.bfloat16 if cuda else torch.float32)
+
+def evaluate(s):
+    # everything that can be checked without the weights first, and no output folder until they loaded
+    e = plan(s)
+    tokenizer = tokenizer_for(e.model, e.checkpoint_dir)
+    runs.check_output_dir(e.out_dir)
+    check_same_run(os.path.join(e.out_dir, "run.json"), e.run)
+    group = distributed.start(s.device)  # None for a single process
+    try:
+        return evaluate_on(s, e, tokenizer, group)
+    finally:
+        distributed.finish(group)
+
+
+def evaluate_on(s, e, tokenizer, group):
+    """Load the model and generate what is missing: alone, or as one of group.world_size processes."""
+    device = group.device if group else s.device
+    main_process = group is None or group.main
+    model = load_model(e.model, e.checkpoint_dir, device=device,
+                       dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
     params = 0
     if not s.base:
         cfg, _ = interlora.load_adapter(model, s.adapter)
@@ -144,27 +176,36 @@ def evaluate(s):
         print(f"adapter: {json.dumps(asdict(cfg))}")
     model.eval()
 
-    out = runs.OutputDir(out_path)  # from here on this process owns the folder
+    # rank 0 owns the folder and decides what is left to do; every process generates its share of it
+    out = runs.OutputDir(e.out_dir) if main_process else None
     try:
-        check_same_run(out / "run.json", run)  # again, under the lock
-        runs.write_json(out / "run.json", run)
-        done = reusable_predictions(runs.JsonLines(out / "predictions.jsonl"), keys)
-        todo = [key for key in prompts if key not in done]
-        print(f"{len(prompts)} items, {len(todo)} to generate, {len(done)} already in {out / 'predictions.jsonl'}")
-        generate_predictions(model, tokenizer, s, todo, prompts, selected, keys, max_new_tokens, out, done)
+        done = {}
+        if main_process:
+            check_same_run(out / "run.json", e.run)  # again, under the lock
+            runs.write_json(out / "run.json", e.run)
+            done = reusable_predictions(runs.JsonLines(out / "predictions.jsonl"), e.keys)
+            print(f"{len(e.prompts)} items, {len(e.prompts) - len(done)} to generate, {len(done)} already in "
+                  f"{out / 'predictions.jsonl'}")
+        todo = [key for key in e.prompts if key not in done]
+        if group:
+            todo = distributed.gather(todo, group)[0]
+        generate_predictions(model, tokenizer, s, e, group, todo, done)
+        if not main_process:
+            return None
 
-        accuracy = {name: 100 * sum(done[(name, i)]["correct"] for i in range(len(items))) / max(1, len(items))
-                    for name, items in selected.items()}
-        table, average = results_table(model_name, method, params, accuracy)
+        accuracy = {name: 100 * sum(done[(name, i)]["correct"] for i in range(len(test))) / max(1, len(test))
+                    for name, test in e.items.items()}
+        table, average = results_table(e.model, e.method, params, accuracy)
         print(table)
         runs.write_text(out / "results.md", table)
         runs.write_json(out / "results.json",
-                        {"model": model_name, "task": task_name, "method": method, "adapter": s.adapter,
+                        {"model": e.model, "task": e.task, "method": e.method, "adapter": s.adapter,
                          "data_dir": s.data_dir, "trainable_parameters": params,
-                         "items": {n: len(v) for n, v in selected.items()}, "accuracy": accuracy, "average": average,
-                         "max_new_tokens": max_new_tokens})
+                         "items": {n: len(v) for n, v in e.items.items()}, "accuracy": accuracy, "average": average,
+                         "max_new_tokens": e.max_new_tokens})
     finally:
-        out.close()
+        if out:
+            out.close()
     print(f"wrote {out / 'results.md'} and results.json")
     return accuracy
 
@@ -192,14 +233,21 @@ def reusable_predictions(predictions, keys):
     return done
 
 
-def generate_predictions(model, tokenizer, s, todo, prompts, selected, keys, max_new_tokens, out, done):
-    """Generate, score and append a record per item of `todo`, a batch at a time (durably)."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if s.device.startswith("cuda") else contextlib.nullcontext()
-    encoded = [tokenizer.encode(prompts[key]) for key in todo]
-    sink = runs.JsonLines(out / "predictions.jsonl")
+def generate_predictions(model, tokenizer, s, e, group, todo, done):
+    """Generate, score and append a record per item of `todo`, a batch at a time (durably, by rank 0).
+
+    With several processes each generates every world_size-th batch; after each round rank 0
+    gathers the round's records and appends them, so the file grows as with one process."""
+    device = group.device if group else s.device
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+    encoded = [tokenizer.encode(e.prompts[key]) for key in todo]
+    main_process = group is None or group.main
+    path = os.path.join(e.out_dir, "predictions.jsonl")
+    sink = runs.JsonLines(path) if main_process else None
+    rank, world_size = (group.rank, group.world_size) if group else (0, 1)
     try:
-        with tqdm(total=len(todo), desc="eval", dynamic_ncols=True) as bar, autocast:
-            for positions, outputs in model.generate_batches(encoded, s.batch_size, max_new_tokens,
+        with tqdm(total=len(todo), desc="eval", dynamic_ncols=True, disable=not main_process) as bar, autocast:
+            for positions, outputs in model.generate_batches(encoded, s.batch_size, e.max_new_tokens, rank, world_size,
                                                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id):
                 records = []
                 for position, new_tokens in zip(positions, outputs):
@@ -207,18 +255,26 @@ def generate_predictions(model, tokenizer, s, todo, prompts, selected, keys, max
                     if new_tokens and new_tokens[-1] == tokenizer.eos_id:
                         new_tokens = new_tokens[:-1]
                     response = tokenizer.decode(new_tokens)
-                    answer = selected[name][index]["answer"]
-                    records.append({"dataset": name, "index": index, "item": keys[key], "answer": answer,
+                    answer = e.items[name][index]["answer"]
+                    records.append({"dataset": name, "index": index, "item": e.keys[key], "answer": answer,
                                     "response": response, "prediction": extract_answer(name, response),
                                     "correct": is_correct(name, response, answer)})
-                sink.append(records, durable=True)  # what is written stays written if the machine dies
+                if group:
+                    records = [r for part in distributed.gather(records, group) for r in part]
+                if main_process:
+                    sink.append(records, durable=True)  # what is written stays written if the machine dies
                 done.update({(r["dataset"], r["index"]): r for r in records})
-                bar.update(len(positions))
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"{len(done)} predictions are kept in {out / 'predictions.jsonl'}: run the same "
-                                "command again to continue") from None
+                bar.update(len(records))
+    except KeyboardInterrupt as stop:
+        why = f"{stop}; " if str(stop) else ""
+        raise KeyboardInterrupt(f"{why}the predictions so far are kept in {path}: run the same command again "
+                                "to continue") from None
+    except distributed.PeerLost as lost:
+        raise RunError(f"{lost}; the predictions so far are kept in {path}: run the same command again "
+                       "to continue") from None
     finally:
-        sink.close()
+        if sink:
+            sink.close()
 
 
 def main(argv=None):

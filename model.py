@@ -329,13 +329,18 @@ class Transformer(nn.Module):
             results.append(row)
         return results
 
-    def generate_batches(self, prompts, batch_size, max_new_tokens, **kwargs):
+    def generate_batches(self, prompts, batch_size, max_new_tokens, rank=0, world_size=1, **kwargs):
         """Generate for many prompts, longest first in batches of batch_size (similar lengths pad
-        little); yields (prompt indices, their new tokens) as each batch finishes."""
+        little); yields (prompt indices, their new tokens) as each batch finishes.
+
+        Split over world_size processes, this one takes every world_size-th batch from `rank` on
+        and yields ([], []) in a round where it has none, so that all yield equally often."""
         order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        for start in range(0, len(order), batch_size):
-            chosen = order[start:start + batch_size]
-            yield chosen, self.generate([prompts[i] for i in chosen], max_new_tokens, **kwargs)
+        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        for first in range(0, len(batches), world_size):
+            this_round = batches[first:first + world_size]
+            chosen = this_round[rank] if rank < len(this_round) else []
+            yield chosen, self.generate([prompts[i] for i in chosen], max_new_tokens, **kwargs) if chosen else []
 
     @staticmethod
     def _pick(logits, temperature, top_k, generator):

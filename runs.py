@@ -87,17 +87,22 @@ def run_command(command, argv=None, errors=()):
 
     OSError (disk full, permission denied, a read-only folder) is a known problem too: its
     message names the file and the cause. Anything else is a bug and keeps its traceback.
+    Under torchrun only rank 0 prints the line (every process checks the same settings; the
+    others' exit codes reach torchrun's own report).
     """
+    def say(message):
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {message}", file=sys.stderr)
     try:
         return command(argv)
     except KeyboardInterrupt as e:
-        print(f"error: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        say(f"interrupted{': ' + str(e) if str(e) else ''}")
         sys.exit(130)
     except (RunError, *errors) as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(e)
         sys.exit(2)
     except OSError as e:
-        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        say(describe_os_error(e))
         sys.exit(2)
 
 

@@ -3,6 +3,7 @@
     python train.py --model llama-7b --task math                      # the paper's InterLoRA run
     python train.py --model llama-7b --task math --method lora        # the LoRA baseline (r = 10)
     python train.py --model tiny --task math --max_steps 20           # random tiny model, any machine
+    torchrun --standalone --nproc_per_node 2 train.py --model llama-7b --task math   # 2 GPUs (distributed.py)
 
 Writes into --out_dir: settings.json, log.jsonl (one line per optimizer step), checkpoint.pt
 (adapters + optimizer + RNG, every --save_every steps and at the end) and, last, adapter.pt
@@ -32,6 +33,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import distributed  # noqa: E402
 import interlora  # noqa: E402
 import runs  # noqa: E402
 from data import TASKS, DataError, collate, load_task, tokenize_item, tokenizer_for  # noqa: E402
@@ -57,8 +59,8 @@ class TrainSettings:
     lr: float = field(default=3e-4, metadata={"help": "peak learning rate", "above": 0})
     epochs: int = field(default=3, metadata={"help": "passes over the training set", "min": 1})
     micro_batch_size: int = field(default=4, metadata={"help": "sequences per forward pass", "min": 1})
-    grad_accum: int = field(default=4, metadata={"help": "micro-batches per optimizer step (batch 16 = 4 x 4)",
-                                                 "min": 1})
+    grad_accum: int = field(default=4, metadata={"help": "micro-batches per optimizer step (batch 16 = 4 x 4), shared "
+                                                 "by the processes under torchrun", "min": 1})
     warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps, then linear decay to 0", "min": 0})
     cutoff_len: int = field(default=256, metadata={"help": "tokens per training sequence", "min": 2})
     mask_prompt: bool = field(default=False, metadata={"help": "no loss on the prompt (default: loss on prompt and response)"})
@@ -70,11 +72,14 @@ class TrainSettings:
     resume: bool = field(default=False, metadata={"help": "continue the run in --out_dir (see the table above)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward (less memory)"})
+    shard_base: bool = field(default=False, metadata={"help": "under torchrun: shard the frozen base over the "
+                                                      "processes (FSDP2), for a base that does not fit one device"})
     device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
 
 
 # Settings that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = {"resume", "compile", "grad_checkpointing", "checkpoint_dir", "data_dir", "device", "out_dir"}
+RESUMABLE_CHANGES = {"resume", "compile", "grad_checkpointing", "shard_base", "checkpoint_dir", "data_dir", "device",
+                     "out_dir"}
 
 
 def parse_settings(argv=None):
@@ -87,6 +92,16 @@ def parse_settings(argv=None):
     s.checkpoint_dir = s.checkpoint_dir or os.path.join("checkpoints", s.model)
     s.out_dir = s.out_dir or os.path.join("out", f"{s.model}-{s.task}-{s.method}")
     s.device = runs.choose_device(s.device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    if s.grad_accum % world_size:
+        batch = s.micro_batch_size * s.grad_accum
+        fits = [a for a in range(world_size, batch + 1, world_size) if batch % a == 0]  # same batch, other split
+        hint = f"; --micro_batch_size {batch // fits[0]} --grad_accum {fits[0]} keeps the batch of {batch}" if fits else ""
+        raise RunError(f"--grad_accum {s.grad_accum} micro-batches per step do not split evenly over {world_size} "
+                       f"processes: pass a multiple of {world_size}{hint}")
+    if s.shard_base and world_size == 1:
+        raise RunError("--shard_base shards the base over the processes of a torchrun launch: "
+                       "run under torchrun --nproc_per_node N, or leave it out")
     return s
 
 
@@ -104,6 +119,18 @@ def step_batches(examples, settings, step, steps_per_epoch):
     per_step = settings.micro_batch_size * settings.grad_accum
     chosen = order[position * per_step:(position + 1) * per_step]
     return [chosen[i:i + settings.micro_batch_size] for i in range(0, len(chosen), settings.micro_batch_size)]
+
+
+def schedule(settings, n_examples):
+    """(optimizer steps per epoch, steps of the run); the last step of an epoch takes what is left."""
+    steps_per_epoch = math.ceil(n_examples / (settings.micro_batch_size * settings.grad_accum))
+    return steps_per_epoch, settings.max_steps or settings.epochs * steps_per_epoch
+
+
+def micro_batch_seed(settings, step, index):
+    """The RNG seed of micro-batch `index` of step `step`: its dropout masks are the same whichever
+    process computes it, and whether the run was interrupted or not."""
+    return hash((settings.seed, step, index)) % 2**63
 
 
 def memory_gb(device):
@@ -167,70 +194,102 @@ def train(s):
     if check_rerun(s, folder_state(s.out_dir), announce=False):
         return
 
-    torch.manual_seed(s.seed)
-    cuda = s.device.startswith("cuda")
-    model = load_model(s.model, s.checkpoint_dir, device=s.device, dtype=torch.bfloat16 if cuda else torch.float32)
+    group = distributed.start(s.device)  # None for a single process
+    try:
+        train_on(s, group, cfg, tokenizer, examples)
+    finally:
+        distributed.finish(group)
+
+
+def train_on(s, group, cfg, tokenizer, examples):
+    """Load the base, add the adapters and train them: alone, or as one of group.world_size processes."""
+    device = group.device if group else s.device
+    main_process = group is None or group.main
+    torch.manual_seed(s.seed)  # the adapters' initial weights, the same in every process
+    cuda = device.startswith("cuda")
+    # a base to be sharded is read into host memory first: it need not fit the device
+    model = load_model(s.model, s.checkpoint_dir, device="cpu" if s.shard_base else device,
+                       dtype=torch.bfloat16 if cuda else torch.float32)
     interlora.add_interlora(model, cfg)
     model.grad_checkpointing = s.grad_checkpointing
     params = [p for name, p in model.named_parameters() if interlora.is_adapter_parameter(name)]
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    if s.shard_base:
+        distributed.shard_base(model, params, device)
     print(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.3f}%)")
     print(f"adapter config: {json.dumps(asdict(cfg))}")
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0, fused=cuda)
-    steps_per_epoch = math.ceil(len(examples) / (s.micro_batch_size * s.grad_accum))
-    total_steps = s.max_steps or s.epochs * steps_per_epoch
+    _, total_steps = schedule(s, len(examples))
 
-    out = runs.OutputDir(s.out_dir)  # from here on this process owns the folder
+    # rank 0 owns the folder; the others only read the checkpoint it decided to resume from
+    out = runs.OutputDir(s.out_dir) if main_process else None
     try:
-        state = folder_state(out.path)
+        state = folder_state(s.out_dir)
+        if group:
+            state = distributed.gather(state, group)[0]  # rank 0 looked under its lock: its word holds
         if check_rerun(s, state, announce=True):  # again, now under the lock: another run may have come and gone
             return
-        log = runs.JsonLines(out / "log.jsonl")
         step = 0
         if state == "unfinished":
-            step = resume(out / "checkpoint.pt", model, optimizer, s)
-            print(f"resumed from {out / 'checkpoint.pt'} at step {step} of {total_steps}")
-        # the log holds each step once: the steps a resumed run redoes are dropped (and anything unreadable)
-        records, _ = log.read(lambda r: isinstance(r, dict) and isinstance(r.get("step"), int))
-        log.rewrite([r for r in records if r["step"] <= step])
-        runs.write_json(out / "settings.json", {"settings": asdict(s), "adapter": asdict(cfg),
-                                                "trainable_parameters": n_trainable, "total_steps": total_steps})
+            step = resume(os.path.join(s.out_dir, "checkpoint.pt"), model, optimizer, s, group)
+            print(f"resumed from {os.path.join(s.out_dir, 'checkpoint.pt')} at step {step} of {total_steps}")
+        log = runs.JsonLines(os.path.join(s.out_dir, "log.jsonl")) if main_process else None
+        if main_process:
+            # the log holds each step once: the steps a resumed run redoes are dropped (and anything unreadable)
+            records, _ = log.read(lambda r: isinstance(r, dict) and isinstance(r.get("step"), int))
+            log.rewrite([r for r in records if r["step"] <= step])
+            runs.write_json(out / "settings.json", {"settings": asdict(s), "adapter": asdict(cfg),
+                                                    "trainable_parameters": n_trainable, "total_steps": total_steps,
+                                                    "world_size": group.world_size if group else 1})
         try:
-            step = train_loop(s, model, optimizer, params, examples, tokenizer, out, log, step, total_steps,
-                              steps_per_epoch)
+            step = train_loop(s, group, model, optimizer, examples, tokenizer.pad_id, log, step)
         finally:
-            log.close()
-        info = {"model": s.model, "task": s.task, "method": s.method, "checkpoint_dir": s.checkpoint_dir,
-                "steps": step, "trainable_parameters": n_trainable}
-        try:
-            interlora.save_adapter(out / "adapter.pt", model, cfg, info)
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(f"while writing adapter.pt; checkpoint.pt holds all {step} steps: "
-                                    "run again with --resume to write it") from None
+            if log:
+                log.close()
+        if main_process:
+            info = {"model": s.model, "task": s.task, "method": s.method, "checkpoint_dir": s.checkpoint_dir,
+                    "steps": step, "trainable_parameters": n_trainable}
+            try:
+                interlora.save_adapter(out / "adapter.pt", model, cfg, info)
+            except KeyboardInterrupt:
+                raise KeyboardInterrupt(f"while writing adapter.pt; checkpoint.pt holds all {step} steps: "
+                                        "run again with --resume to write it") from None
     finally:
-        out.close()
-    print(f"wrote {out / 'adapter.pt'}: evaluate with python eval.py --adapter {out / 'adapter.pt'}")
+        if out:
+            out.close()
+    adapter = os.path.join(s.out_dir, "adapter.pt")
+    print(f"wrote {adapter}: evaluate with python eval.py --adapter {adapter}")
 
 
-def train_loop(s, model, optimizer, params, examples, tokenizer, out, log, step, total_steps, steps_per_epoch):
-    """Optimizer steps from `step` to total_steps; checkpoint.pt every save_every steps and at the end."""
+def train_loop(s, group, model, optimizer, examples, pad_id, log, step):
+    """Optimizer steps from `step` to the end; checkpoint.pt every save_every steps and at the end."""
+    steps_per_epoch, total_steps = schedule(s, len(examples))
+    params = optimizer.param_groups[0]["params"]
+    device = group.device if group else s.device
+    main_process = group is None or group.main
+    checkpoint_path = os.path.join(s.out_dir, "checkpoint.pt")
     runner = torch.compile(model) if s.compile else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if s.device.startswith("cuda") else contextlib.nullcontext()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     model.train()
     saved = step or None  # the step of the last good checkpoint
-    bar = tqdm(total=total_steps, initial=step, desc=f"{s.model} {s.task} {s.method}", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=step, desc=f"{s.model} {s.task} {s.method}", dynamic_ncols=True,
+               disable=not main_process)
     try:
         while step < total_steps:
             t0 = time.time()
             lr = get_lr(step, s, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            for param_group in optimizer.param_groups:
+                param_group["lr"] = lr
             batches = step_batches(examples, s, step, steps_per_epoch)
-            loss_sum, tokens = torch.zeros((), device=s.device), 0
-            for batch in batches:
-                idx, labels, mask = collate([examples[i] for i in batch], tokenizer.pad_id)
+            loss_sum, tokens = torch.zeros((), device=device), 0
+            # with several processes each takes every world_size-th micro-batch; the loss is the mean over
+            # all micro-batches of the step in any case, so the summed gradients are the single process's
+            mine = range(group.rank, len(batches), group.world_size) if group else range(len(batches))
+            for index in mine:
+                torch.manual_seed(micro_batch_seed(s, step, index))  # this micro-batch's dropout masks
+                idx, labels, mask = collate([examples[i] for i in batches[index]], pad_id)
                 tokens += int(mask.sum())  # counted on the CPU tensor: no device sync
-                idx, labels, mask = (t.to(s.device, non_blocking=True) for t in (idx, labels, mask))
+                idx, labels, mask = (t.to(device, non_blocking=True) for t in (idx, labels, mask))
                 with autocast:
                     logits = runner(idx, attention_mask=mask)
                 # next-token loss: position t predicts token t + 1; -100 marks padding (and a masked prompt)
@@ -238,53 +297,66 @@ def train_loop(s, model, optimizer, params, examples, tokenizer, out, log, step,
                                        ignore_index=-100)
                 (loss / len(batches)).backward()
                 loss_sum += loss.detach() / len(batches)
+            if group:
+                distributed.sum_gradients(params)
+                totals = torch.stack([loss_sum, torch.tensor(float(tokens), device=device)])
+                distributed.sum_across([totals])
+                loss_sum, tokens = totals[0], int(totals[1])
             loss_value = loss_sum.item()
             if not math.isfinite(loss_value):
                 raise RunError(f"loss is {loss_value} at step {step + 1}: lower --lr or check the data; "
-                               f"{last_save(out, saved)}")
+                               f"{last_save(checkpoint_path, saved)}")
             torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_per_s = tokens / (time.time() - t0)
-            log.append([{"step": step, "loss": round(loss_value, 5), "lr": lr, "tokens_per_s": round(tokens_per_s, 1)}])
+            if main_process:
+                log.append([{"step": step, "loss": round(loss_value, 5), "lr": lr,
+                             "tokens_per_s": round(tokens_per_s, 1)}])
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                            mem=f"{memory_gb(s.device):.1f}GB")
+                            mem=f"{memory_gb(device):.1f}GB")
             bar.update()
             if step % s.save_every == 0 or step == total_steps:
-                save_checkpoint(out / "checkpoint.pt", step, model, optimizer, s)
+                if main_process:
+                    save_checkpoint(checkpoint_path, step, model, optimizer, s, group)
                 saved = step
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"during step {step + 1}; {last_save(out, saved)}") from None
+    except KeyboardInterrupt as e:
+        why = f"{e}; " if str(e) else ""  # torchrun's stop says why; Ctrl-C says nothing
+        raise KeyboardInterrupt(f"{why}during step {step + 1}; {last_save(checkpoint_path, saved)}") from None
+    except distributed.PeerLost as e:
+        raise RunError(f"{e} during step {step + 1}; {last_save(checkpoint_path, saved)}") from None
     finally:
         bar.close()
     return step
 
 
-def last_save(out, saved):
+def last_save(path, saved):
     if saved is None:
         return "nothing was saved yet: run the same command again to start over"
-    return f"the last good save is step {saved} ({out / 'checkpoint.pt'}): continue with --resume"
+    return f"the last good save is step {saved} ({path}): continue with --resume"
 
 
-def save_checkpoint(path, step, model, optimizer, settings):
-    state = {"step": step, "settings": asdict(settings), "adapter": interlora.adapter_state_dict(model),
-             "optimizer": optimizer.state_dict(), "cpu_rng": torch.get_rng_state(),
-             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+def save_checkpoint(path, step, model, optimizer, settings, group):
+    # no RNG state: data order and dropout are seeded per epoch and per micro-batch
+    state = {"step": step, "settings": asdict(settings), "world_size": group.world_size if group else 1,
+             "adapter": interlora.adapter_state_dict(model), "optimizer": optimizer.state_dict()}
     runs.save_torch(path, state)  # atomic: a crash or a full disk leaves the previous checkpoint intact
 
 
-def resume(path, model, optimizer, s):
+def resume(path, model, optimizer, s, group):
     state = runs.load_torch(path, "delete it to start the run over, or choose another --out_dir")
     check_same_settings(state["settings"], s, path)
+    world_size = group.world_size if group else 1
+    if state["world_size"] != world_size:
+        raise RunError(f"{path} was written by a run of {state['world_size']} process(es), this one has {world_size}: "
+                       f"resume it with the same number (torchrun --nproc_per_node {state['world_size']}, or "
+                       "python train.py for 1)")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in state["adapter"].items():
             params[name].copy_(tensor)
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["cpu_rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"]
 
 

@@ -32,13 +32,11 @@ def shared_path(*parts):
 WORDS = ["apple", "river", "stone", "cloud", "tiger", "maple", "ocean", "flute"]
 
 
-@pytest.fixture
-def data_dir(tmp_path):
+def write_tiny_task(folder):
     """A math task whose test sets ask the training questions again (with other outputs, so the
     whole-record filter of the math split keeps them)."""
     train = [{"instruction": f"What number goes with {word}?", "input": "", "output": f"The answer is {i + 2}.",
               "answer": f"{i + 2}.0"} for i, word in enumerate(WORDS)]
-    folder = tmp_path / "data"
     (folder / "ft-training_set").mkdir(parents=True)
     (folder / "ft-training_set" / "math_data.json").write_text(json.dumps(train))
     for name in MATH_DATASETS:
@@ -48,10 +46,19 @@ def data_dir(tmp_path):
     return folder
 
 
-def run(script, *args, cwd=ROOT):
-    """The real command line, as a user types it."""
+@pytest.fixture
+def data_dir(tmp_path):
+    return write_tiny_task(tmp_path / "data")
+
+
+def run(script, *args, cwd=ROOT, threads=1):
+    """The real command line, as a user types it, on `threads` threads (None: torch's default).
+
+    Tiny models gain little from a second thread, and on a busy machine a descheduled OpenMP
+    thread stalls every parallel region (10x slower steps were seen), so tests take one."""
+    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     return subprocess.run([sys.executable, str(ROOT / script), *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=env)
 
 
 def read_jsonl(path):

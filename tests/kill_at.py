@@ -9,6 +9,8 @@ MOMENT is one of
     batch:N    as the N-th batch of prompts starts generating (eval.py)
     append:N   halfway through appending the N-th batch of predictions (eval.py)
 
+and may end in @R: only the process of rank R of a torchrun launch dies (the others go on).
+
 SIGKILL cannot be caught: no handler runs, no file is closed, as when the machine dies or the
 kernel kills the process for memory. The moment is chosen here, inside the process, so that a
 test hits it every time.
@@ -20,9 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 moment, script, *args = sys.argv[1:]
+moment, _, rank = moment.partition("@")
 kind, _, number = moment.partition(":")
 number = int(number or 0)
 command = __import__(Path(script).stem)  # the script's own settings (MKL's) apply before torch loads
+if rank and os.environ.get("RANK") != rank:  # not the process that dies: run as usual
+    command.main(args)
+    sys.exit()
 
 import interlora  # noqa: E402
 import model  # noqa: E402

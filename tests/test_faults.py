@@ -22,10 +22,11 @@ SHORT = ["--model", "tiny", "--task", "math", "--micro_batch_size", "2", "--grad
          "--warmup_steps", "2", "--cutoff_len", "320", "--max_steps", "6", "--save_every", "2"]
 
 
-def killed(moment, script, *args):
-    """Run a command and SIGKILL it at `moment` (see tests/kill_at.py)."""
+def killed(moment, script, *args, threads=1):
+    """Run a command and SIGKILL it at `moment` (see tests/kill_at.py); threads as in conftest.run."""
+    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     result = subprocess.run([sys.executable, str(ROOT / "tests" / "kill_at.py"), moment, script, *map(str, args)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == -signal.SIGKILL, (moment, result.returncode, result.stderr[-2000:])
     return result
 
@@ -77,20 +78,20 @@ def adapter(data_dir, tmp_path):
 # ----------------------------------------------------------------------------- kills
 
 def test_training_killed_at_any_moment_ends_with_the_adapter_of_an_uninterrupted_run(data_dir, tmp_path):
-    # the reference and each piece of the interrupted run are separate processes: what must agree
-    # bit for bit is the arithmetic of two processes, not only of one
+    # the reference and each piece of the interrupted run are separate processes at torch's default
+    # thread count: what must agree bit for bit is the arithmetic of two processes, not only of one
     args = [*SHORT, "--data_dir", data_dir]
-    succeeded(run("train.py", *args, "--out_dir", tmp_path / "straight"))
+    succeeded(run("train.py", *args, "--out_dir", tmp_path / "straight", threads=None))
 
     out = tmp_path / "killed"
-    killed("step:3", "train.py", *args, "--out_dir", out)  # during step 3, after the save of step 2
+    killed("step:3", "train.py", *args, "--out_dir", out, threads=None)  # during step 3, after the save of step 2
     assert checkpoint_step(out) == 2
-    killed("save:1", "train.py", *args, "--out_dir", out, "--resume")  # halfway through writing step 4's save
+    killed("save:1", "train.py", *args, "--out_dir", out, "--resume", threads=None)  # halfway through step 4's save
     assert checkpoint_step(out) == 2  # the half-written file never took its place...
     assert hidden_files(out)  # ... and is left behind, as a kill leaves it
-    killed("adapter", "train.py", *args, "--out_dir", out, "--resume")  # all 6 steps saved, adapter.pt half done
+    killed("adapter", "train.py", *args, "--out_dir", out, "--resume", threads=None)  # 6 steps saved, adapter half done
     assert checkpoint_step(out) == 6 and not (out / "adapter.pt").exists()
-    result = succeeded(run("train.py", *args, "--out_dir", out, "--resume"))
+    result = succeeded(run("train.py", *args, "--out_dir", out, "--resume", threads=None))
     assert "resumed from" in result.stdout and "at step 6 of 6" in result.stdout
 
     assert_same_adapter(tmp_path / "straight" / "adapter.pt", out / "adapter.pt")
@@ -399,6 +400,7 @@ BAD_TRAINING = [  # extra flags -> a piece of the one error line
     (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
     (["--micro_batch_size", "0"], "--micro_batch_size 0: expected a value at least 1"),
     (["--grad_accum", "0"], "--grad_accum 0: expected a value at least 1"),
+    (["--shard_base"], "--shard_base shards the base over the processes of a torchrun launch"),
     (["--save_every", "0"], "--save_every 0: expected a value at least 1"),
     (["--cutoff_len", "0"], "--cutoff_len 0: expected a value at least 2"),
     (["--epochs", "0"], "--epochs 0: expected a value at least 1"),
