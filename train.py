@@ -34,6 +34,7 @@ import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import distributed  # noqa: E402
+import gates  # noqa: E402
 import interlora  # noqa: E402
 import runs  # noqa: E402
 from data import TASKS, DataError, collate, load_task, tokenize_item, tokenizer_for  # noqa: E402
@@ -69,6 +70,8 @@ class TrainSettings:
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (default 0: the epochs decide)",
                                                 "min": 0})
     save_every: int = field(default=100, metadata={"help": "save checkpoint.pt every N optimizer steps", "min": 1})
+    gate_log_every: int = field(default=25, metadata={"help": "log a few gate statistics every N steps, from one "
+                                                      "micro-batch run again without gradients (0: never)", "min": 0})
     resume: bool = field(default=False, metadata={"help": "continue the run in --out_dir (see the table above)"})
     compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward (less memory)"})
@@ -79,7 +82,7 @@ class TrainSettings:
 
 # Settings that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = {"resume", "compile", "grad_checkpointing", "shard_base", "checkpoint_dir", "data_dir", "device",
-                     "out_dir"}
+                     "out_dir", "gate_log_every"}
 
 
 def parse_settings(argv=None):
@@ -311,9 +314,13 @@ def train_loop(s, group, model, optimizer, examples, pad_id, log, step):
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens_per_s = tokens / (time.time() - t0)
+            record = {"step": step, "loss": round(loss_value, 5), "lr": lr, "tokens_per_s": round(tokens_per_s, 1)}
+            if s.gate_log_every and (step % s.gate_log_every == 0 or step == total_steps):
+                # one micro-batch again, forward only: about 1 / (3 x grad_accum x gate_log_every) of the compute
+                idx, _, mask = collate([examples[i] for i in batches[0]], pad_id)
+                record |= {"gates": summary} if (summary := gates.summary(model, idx.to(device), mask.to(device))) else {}
             if main_process:
-                log.append([{"step": step, "loss": round(loss_value, 5), "lr": lr,
-                             "tokens_per_s": round(tokens_per_s, 1)}])
+                log.append([record])
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
                             mem=f"{memory_gb(device):.1f}GB")
             bar.update()

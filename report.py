@@ -1,0 +1,271 @@
+"""What the gates learned: a report on a trained InterLoRA adapter, with tables and pictures.
+
+    python report.py --adapter out/llama-7b-math-interlora/adapter.pt
+    python report.py --adapter out/tiny-math-interlora/adapter.pt --runs out/tiny-math-lora --limit 20
+
+Runs the task's test prompts (or, with --items train, the training texts) through the model
+with the adapter and records every gated layer's gates (gates.py): per layer and head the mean,
+spread and distribution of the q and v head gates; per layer the FFN gate's fraction of exact
+zeros (relu off), its mean magnitude and α; for each dataset and for all together. Writes into
+--out_dir: gates.json (every number), gates.md (what stands out) and, with matplotlib, pictures
+(PNG and SVG): a layers x heads map per attention role, the FFN gates per layer, the gates over
+the training steps (from the run's log.jsonl) and the loss and learning rate of this run and of
+the --runs beside it.
+"""
+import os
+
+os.environ.setdefault("MKL_CBWR", "AUTO")  # reproducible matmuls, as train.py and eval.py
+
+import io  # noqa: E402
+import json  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+import gates  # noqa: E402
+import interlora  # noqa: E402
+import runs  # noqa: E402
+from data import DataError, collate, generate_prompt, load_task, tokenize_item, tokenizer_for  # noqa: E402
+from interlora import AdapterError  # noqa: E402
+from model import CheckpointError, load_model  # noqa: E402
+from runs import RunError  # noqa: E402
+
+PICTURE_SIZE = (8, 5)  # inches at 100 dpi: 800 x 500 pixels
+
+
+@dataclass
+class ReportSettings:
+    adapter: str = field(default="", metadata={"help": "adapter file written by train.py"})
+    items: str = field(default="test", metadata={"help": "test: the prompts eval.py gives the model; train: the "
+                                                 "training texts as train.py sees them (default: test)"})
+    data_dir: str = field(default="data", metadata={"help": "LLM-Adapters data (python data.py download)"})
+    datasets: str = field(default="", metadata={"help": "comma-separated test sets (default: all of the task)"})
+    limit: int = field(default=0, metadata={"help": "only the first N items of each set (default 0: all)", "min": 0})
+    batch_size: int = field(default=16, metadata={"help": "prompts per forward pass", "min": 1})
+    cutoff_len: int = field(default=256, metadata={"help": "tokens per training text (--items train)", "min": 2})
+    runs: str = field(default="", metadata={"help": "comma-separated run folders whose loss curves go beside this one's"})
+    checkpoint_dir: str = field(default="", metadata={"help": "folder of the base weights (default: the adapter's)"})
+    out_dir: str = field(default="", metadata={"help": "output folder (default: report-<task> beside the adapter)"})
+    device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
+
+
+def parse_settings(argv=None):
+    s = runs.settings_from_command_line(ReportSettings, __doc__.split("\n\n")[0], argv)
+    if not s.adapter:
+        raise RunError("pass --adapter FILE (written by train.py)")
+    if s.items not in ("test", "train"):
+        raise RunError(f"--items {s.items!r}: expected test or train")
+    s.device = runs.choose_device(s.device)
+    return s
+
+
+def token_batches(s, task, tokenizer):
+    """{dataset: [(idx, mask), ...]}: the inputs of each dataset, right-padded in batches."""
+    if s.items == "train":
+        texts = {"training set": [tokenize_item(tokenizer, item, s.cutoff_len) for item in task.train[: s.limit or None]]}
+    else:
+        texts = {name: [(ids, ids) for ids in (tokenizer.encode(generate_prompt(item["instruction"], item["input"]))
+                                               for item in test[: s.limit or None])]
+                 for name, test in task.test.items()}
+    batches = {}
+    for name, examples in texts.items():
+        collated = [collate(examples[i:i + s.batch_size], tokenizer.pad_id) for i in range(0, len(examples), s.batch_size)]
+        batches[name] = [(idx, mask) for idx, _, mask in collated]
+    return batches
+
+
+def report(s):
+    payload = interlora.read_adapter(s.adapter)
+    info, cfg = payload["info"], interlora.InterLoRAConfig(**payload["config"])
+    if not (cfg.attention_gate or cfg.ffn_gate != "none"):
+        raise RunError(f"{s.adapter} has no gates (method {info.get('method', cfg.method)}): a gate report needs "
+                       "an InterLoRA variant with a head or an FFN gate")
+    model_name, task_name = info["model"], info["task"]
+    checkpoint_dir = s.checkpoint_dir or info.get("checkpoint_dir") or os.path.join("checkpoints", model_name)
+    out_dir = s.out_dir or os.path.join(os.path.dirname(os.path.abspath(s.adapter)), f"report-{task_name}")
+    print(json.dumps(asdict(s) | {"model": model_name, "task": task_name, "out_dir": out_dir}, indent=2))
+    datasets = [d.strip() for d in s.datasets.split(",") if d.strip()] or None
+    task = load_task(task_name, s.data_dir, datasets=datasets, with_train=s.items == "train")
+    tokenizer = tokenizer_for(model_name, checkpoint_dir)
+    other_runs = [Path(folder) for folder in s.runs.split(",") if folder.strip()]
+    for folder in other_runs:
+        if not (folder / "log.jsonl").exists():
+            raise RunError(f"{folder} holds no log.jsonl: --runs takes the output folders of train.py")
+    runs.check_output_dir(out_dir)
+
+    model = load_model(model_name, checkpoint_dir, device=s.device,
+                       dtype=torch.bfloat16 if s.device.startswith("cuda") else torch.float32)
+    interlora.load_adapter(model, s.adapter)
+    model.eval()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.device.startswith("cuda"))
+    with torch.no_grad(), autocast, gates.GateRecorder(model) as recorder:
+        for name, batches in token_batches(s, task, tokenizer).items():
+            recorder.group = name
+            for idx, mask in batches:
+                model(idx.to(s.device), attention_mask=mask.to(s.device))
+    statistics = recorder.statistics()
+    log = Path(s.adapter).parent / "log.jsonl"
+    steps = read_log(log)
+
+    out = runs.OutputDir(out_dir)
+    try:
+        runs.write_json(out / "gates.json", {"adapter": s.adapter, "model": model_name, "task": task_name,
+                                             "items": s.items, "config": asdict(cfg), "statistics": statistics,
+                                             "steps": [{"step": r["step"], **r["gates"]} for r in steps if "gates" in r]})
+        runs.write_text(out / "gates.md", markdown(s, model_name, cfg, statistics))
+        pictures = draw(out.path, statistics, steps, [(Path(s.adapter).parent, steps)] +
+                        [(folder, read_log(folder / "log.jsonl")) for folder in other_runs])
+    finally:
+        out.close()
+    print(f"wrote gates.json and gates.md into {out_dir}")
+    print(f"pictures: {', '.join(pictures)}" if pictures is not None else
+          "pictures need matplotlib, which is not installed: pip install matplotlib, then run this again")
+    return statistics
+
+
+def read_log(path):
+    """The records of a run's log.jsonl (a missing file has none)."""
+    return runs.JsonLines(path).read(lambda r: isinstance(r, dict) and {"step", "loss", "lr"} <= r.keys())[0]
+
+
+# ----------------------------------------------------------------------------- the Markdown summary
+
+def markdown(s, model_name, cfg, statistics):
+    everything = statistics["all"]
+    lines = [f"# Gate report: {s.adapter}", "",
+             f"{model_name}, {cfg.method} (gate pool {cfg.gate_pool}, FFN gate {cfg.ffn_gate}); inputs: the "
+             f"{s.items} items of {', '.join(g for g in statistics if g != 'all')}.", ""]
+    if not everything["heads"]:
+        lines += ["This variant has no head gates (attention_gate is off): no head maps.", ""]
+    if not everything["ffn"]:
+        lines += ["This variant has no FFN gate (ffn_gate is none): no FFN pictures.", ""]
+    for role, layers in everything["heads"].items():
+        cells = [(layer["mean"][h], layer["layer"], h) for layer in layers for h in range(len(layer["mean"]))]
+        cells.sort()
+        spread = max(layers, key=lambda layer: max(layer["mean"]) - min(layer["mean"]))
+        lines += [f"## Head gates on {role} (Eq. 5)", "",
+                  "Most open: " + ", ".join(f"layer {i} head {h} ({v:.3f})" for v, i, h in cells[::-1][:3]) + ".",
+                  "Most closed: " + ", ".join(f"layer {i} head {h} ({v:.3f})" for v, i, h in cells[:3]) + ".",
+                  f"Widest spread between heads: layer {spread['layer']} ({min(spread['mean']):.3f} to "
+                  f"{max(spread['mean']):.3f}).", "",
+                  "| layer | mean | lowest head | highest head | std within sequences (mean over heads) |",
+                  "|---|---|---|---|---|"]
+        for layer in layers:
+            means = layer["mean"]
+            low, high = min(range(len(means)), key=means.__getitem__), max(range(len(means)), key=means.__getitem__)
+            lines.append(f"| {layer['layer']} | {sum(means) / len(means):.3f} | {low} ({means[low]:.3f}) | "
+                         f"{high} ({means[high]:.3f}) | {sum(layer['std']) / len(layer['std']):.3f} |")
+        lines.append("")
+    for role, layers in everything["ffn"].items():
+        most = max(layers, key=lambda layer: layer["zero_fraction"])
+        least = min(layers, key=lambda layer: layer["zero_fraction"])
+        lines += [f"## FFN gates on {role} (Eq. 7)", "",
+                  f"The gate is exactly 0 (the feature keeps its pre-trained value) for {most['zero_fraction']:.1%} "
+                  f"of token-features in layer {most['layer']}, the most, and {least['zero_fraction']:.1%} in layer "
+                  f"{least['layer']}, the fewest.", "",
+                  "| layer | zero fraction | mean magnitude | α |", "|---|---|---|---|"]
+        for layer in layers:
+            alpha = f"{layer['alpha']:.3f}" if "alpha" in layer else "-"
+            lines.append(f"| {layer['layer']} | {layer['zero_fraction']:.3f} | {layer['mean_magnitude']:.4f} | {alpha} |")
+        lines.append("")
+    groups = [g for g in statistics if g != "all"]
+    if len(groups) > 1:
+        lines += ["## Between datasets", ""]
+        for role, layers in everything["heads"].items():
+            differences = []
+            for position, layer in enumerate(layers):
+                for h in range(len(layer["mean"])):
+                    values = {g: statistics[g]["heads"][role][position]["mean"][h] for g in groups}
+                    differences.append((max(values.values()) - min(values.values()), layer["layer"], h, values))
+            gap, index, h, values = max(differences, key=lambda d: d[0])
+            lines.append(f"- {role}: layer {index} head {h} differs most ({gap:.3f}): "
+                         + ", ".join(f"{g} {v:.3f}" for g, v in values.items()) + ".")
+        for role, layers in everything["ffn"].items():
+            values = {g: sum(layer["zero_fraction"] for layer in statistics[g]["ffn"][role]) / len(layers) for g in groups}
+            lines.append(f"- FFN {role}, zero fraction over all layers: "
+                         + ", ".join(f"{g} {v:.3f}" for g, v in values.items()) + ".")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def draw(folder, statistics, steps, logs):
+    """Every picture as PNG and SVG; the names written, or None without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")  # files only, no screen
+    import matplotlib.pyplot as plt
+
+    written = []
+
+    def save(figure, name):
+        for suffix in ("png", "svg"):
+            picture = io.BytesIO()  # drawn in memory, then written atomically like every output
+            figure.savefig(picture, format=suffix, dpi=100)
+            runs.write_atomically(folder / f"{name}.{suffix}", lambda f: f.write(picture.getvalue()), binary=True)
+            written.append(f"{name}.{suffix}")
+        plt.close(figure)
+
+    everything = statistics["all"]
+    for role, layers in everything["heads"].items():
+        figure, axes = plt.subplots(figsize=PICTURE_SIZE)
+        means = torch.tensor([layer["mean"] for layer in layers]).numpy()  # (layers, heads)
+        image = axes.imshow(means, aspect="auto", cmap="viridis", origin="lower",
+                            extent=(-0.5, means.shape[1] - 0.5, -0.5, means.shape[0] - 0.5))
+        axes.set(xlabel="head", ylabel="layer", title=f"mean head gate on {role} (Eq. 5)")
+        axes.set_yticks(range(means.shape[0]), [layer["layer"] for layer in layers])
+        if means.shape[1] <= 64:
+            axes.set_xticks(range(means.shape[1]))
+        figure.colorbar(image, ax=axes, label="gate")
+        save(figure, f"heads-{role}")
+    for role, layers in everything["ffn"].items():
+        figure, axes = plt.subplots(figsize=PICTURE_SIZE)
+        index = [layer["layer"] for layer in layers]
+        axes.plot(index, [layer["zero_fraction"] for layer in layers], "o-", color="tab:blue")
+        axes.set(xlabel="layer", ylabel="fraction of gates exactly 0", title=f"FFN gate on {role} (Eq. 7)",
+                 ylim=(0, 1))
+        if "alpha" in layers[0]:
+            twin = axes.twinx()
+            twin.plot(index, [layer["alpha"] for layer in layers], "s--", color="tab:red")
+            twin.set_ylabel("α", color="tab:red")
+            twin.ticklabel_format(useOffset=False)
+        axes.set_xticks(index)
+        save(figure, f"ffn-{role}")
+    logged = [r for r in steps if "gates" in r]
+    if logged:
+        figure, axes = plt.subplots(figsize=PICTURE_SIZE)
+        for key in logged[0]["gates"]:
+            if not key.endswith("_alpha"):
+                axes.plot([r["step"] for r in logged], [r["gates"][key] for r in logged], label=key)
+        axes.set(xlabel="step", ylabel="gate", title="gates over training (one batch per logged step)")
+        alphas = [key for key in logged[0]["gates"] if key.endswith("_alpha")]
+        if alphas:
+            twin = axes.twinx()
+            for key in alphas:
+                twin.plot([r["step"] for r in logged], [r["gates"][key] for r in logged], "--", color="tab:red",
+                          label=key)
+            twin.set_ylabel("α", color="tab:red")
+        axes.legend(loc="upper left")
+        save(figure, "gates-over-steps")
+    figure, (loss_axes, lr_axes) = plt.subplots(2, 1, figsize=PICTURE_SIZE, sharex=True)
+    for folder_of_run, records in logs:
+        loss_axes.plot([r["step"] for r in records], [r["loss"] for r in records], label=folder_of_run.name)
+        lr_axes.plot([r["step"] for r in records], [r["lr"] for r in records], label=folder_of_run.name)
+    loss_axes.set(ylabel="loss", title="training loss")
+    lr_axes.set(xlabel="step", ylabel="learning rate")
+    loss_axes.legend()
+    save(figure, "loss")
+    return written
+
+
+def main(argv=None):
+    return runs.run_command(lambda argv: report(parse_settings(argv)), argv,
+                            errors=(CheckpointError, DataError, AdapterError))
+
+
+if __name__ == "__main__":
+    main()
