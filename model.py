@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from quantize import QUANTIZE_KINDS, quantize_model, quantize_weight
+from quantize import QUANTIZE_KINDS, Quantizer, quantize_model
 
 
 class CheckpointError(ValueError):
@@ -874,6 +874,7 @@ def _assemble(config, tensors, device, dtype, quantize, where):
 
     state, converted = {}, {}  # converted: source -> its copy on the device (tied weights: one copy)
     reader = _ReadBuffer()
+    quantizer = Quantizer(quantize, device) if quantize else None
     for key, pieces, dim, heads in tensors:
         if key not in expected:
             raise CheckpointError(f"{where}: unexpected tensor {key}: is this a {config.family} checkpoint?")
@@ -898,7 +899,7 @@ def _assemble(config, tensors, device, dtype, quantize, where):
         else:
             weight = _materialize(pieces, shape, dim, heads, pieces[0].dtype, device, reader)
         prefix = key.removesuffix("weight")
-        state.update({prefix + buffer: t for buffer, t in quantize_weight(weight, quantize).items()})
+        state.update({prefix + buffer: t for buffer, t in quantizer(weight).items()})
         del weight
     missing = [k for k in model.state_dict() if k not in state]
     if missing:
