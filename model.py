@@ -632,6 +632,9 @@ def model_config(model, checkpoint_dir=None):
         return ModelConfig.from_name(model), None
     if model in PRESETS:
         folder = Path(checkpoint_dir or Path("checkpoints") / model)
+        if not folder.is_dir():
+            raise CheckpointError(f"{model} needs its weights: checkpoint folder {folder} not found; pass "
+                                  "--checkpoint_dir, or the folder itself as --model (see the README: Weights)")
         config = read_config(folder)
         check_against_preset(config, model, folder)
         return config, folder

@@ -619,6 +619,9 @@ def test_a_preset_name_checks_the_folder_shapes(saved):
         model_config("llama-7b", folder)
     assert "vocab_size" in str(error.value) and "llama-7b" in str(error.value)
     assert model_config("tiny") == (ModelConfig.from_name("tiny"), None)
+    with pytest.raises(CheckpointError) as error:
+        model_config("llama-13b")  # no checkpoints/llama-13b here
+    assert "llama-13b needs its weights" in str(error.value) and "--checkpoint_dir" in str(error.value)
 
 
 def test_model_that_is_neither_preset_nor_folder(tmp_path):
