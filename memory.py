@@ -53,7 +53,8 @@ def _name(dtype):
 
 
 def linear_bytes(in_features, out_features, dtype, quantize=None):
-    """Bytes of one (out, in) weight: the compute dtype, int8 + an fp32 scale per row, or nf4 + an fp32 absmax per block."""
+    """Bytes of one (out, in) weight: in the compute dtype, or int8 + an fp32 scale per row, or nf4 + an
+    fp32 absmax per block of 64."""
     numel = in_features * out_features
     if quantize is None:
         return numel * DTYPES[_name(dtype)].itemsize

@@ -158,7 +158,7 @@ def test_eval_workload_runs_through_generate_batches(tmp_path):
     assert "| tiny | ours eager | 12 | 5 | 4 |" in result["tables"]["eval"]
 
 
-# ----------------------------------------------------------------------------- full_size (the writing and the measuring)
+# ----------------------------------------------------------------------------- full_size
 
 SMALL_LLAMA = ModelConfig(vocab_size=300, dim=64, n_layer=2, n_head=4, ffn_dim=192)  # Meta's rule with multiple_of 32
 

@@ -48,7 +48,8 @@ def relative_error(logits, reference):
 # ----------------------------------------------------------------------------- the codes themselves
 
 def test_nf4_values_are_qlora_normal_float():
-    """QLoRA's recipe (bitsandbytes create_normal_map): 8 positive and 7 negative normal quantiles and 0, scaled to [-1, 1]."""
+    """QLoRA's recipe (bitsandbytes' create_normal_map): 8 positive and 7 negative normal quantiles and 0,
+    scaled to [-1, 1]."""
     offset = 0.5 * (1 - 1 / 32 + 1 - 1 / 30)  # 0.9677083, halfway between the 16- and 15-value spacings
     positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
     negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
@@ -95,7 +96,8 @@ def test_layer_equals_a_linear_with_the_dequantized_weight(kind, dtype):
     weight = layer.dequantized_weight(dtype)
     x = torch.randn(2, 5, 128, dtype=dtype, requires_grad=True)
     x_reference = x.detach().clone().requires_grad_(True)
-    out, reference = layer(x), F.linear(x_reference, weight) + linear.bias.detach()  # the bias added after, as in bf16 it rounds
+    # the bias added after the matmul, as the layer does (in bf16 a fused addmm rounds differently)
+    out, reference = layer(x), F.linear(x_reference, weight) + linear.bias.detach()
     assert out.dtype == dtype
     torch.testing.assert_close(out, reference)
     grad = torch.randn_like(out)
