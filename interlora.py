@@ -182,7 +182,8 @@ def default_targets(model):
 
 
 def add_interlora(model, cfg, targets=None):
-    """Wrap the target nn.Linear layers of `model` in InterLoRALinear and freeze everything else.
+    """Wrap the target linear layers of `model` (nn.Linear, or any layer with in_features, out_features
+    and weight, such as a quantized one) in InterLoRALinear and freeze everything else.
 
     targets maps each role (q, k, v, gate, up, down) to (module name suffix, number of heads);
     the default covers model.py's models and transformers' LLaMA. Returns {name: replaced Linear}.
@@ -201,7 +202,10 @@ def add_interlora(model, cfg, targets=None):
         else:
             gate = cfg.ffn_gate
         for name, module in list(model.named_modules()):
-            if (name == suffix or name.endswith("." + suffix)) and isinstance(module, nn.Linear):
+            # a linear layer is anything with in_features, out_features and a weight: nn.Linear or a
+            # quantized base layer (its weight int8 codes), whose forward computes the frozen W x
+            if (name == suffix or name.endswith("." + suffix)) and all(
+                    hasattr(module, a) for a in ("in_features", "out_features", "weight")):
                 if gate == "head" and module.out_features % n_heads:
                     raise AdapterError(f"{name}: {module.out_features} outputs do not split into {n_heads} heads")
                 parent_name, _, child = name.rpartition(".")
@@ -209,7 +213,7 @@ def add_interlora(model, cfg, targets=None):
                 setattr(model.get_submodule(parent_name), child, layer)
                 replaced[name] = module
         if not any(name.endswith(suffix) for name in replaced):
-            raise AdapterError(f"no nn.Linear named *{suffix} in {type(model).__name__} for target {role!r}")
+            raise AdapterError(f"no linear layer named *{suffix} in {type(model).__name__} for target {role!r}")
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter_parameter(name))
 
@@ -342,6 +346,11 @@ def merge(model):
     if gated:
         raise AdapterError(f"cannot merge {gated[0]}: its gate depends on the input (Eq. 5/7), so the update is "
                            "no fixed matrix; run gated InterLoRA unmerged")
+    quantized = [(name, m.base.weight.dtype) for name, m in layers if not m.base.weight.is_floating_point()]
+    if quantized:
+        raise AdapterError(f"cannot merge into {quantized[0][0]}: its base weight is {quantized[0][1]} (quantized), "
+                           "and W + λ·B·A rounded back to it would lose the update; load the base unquantized "
+                           "to merge, or run the adapters unmerged")
     for name, layer in layers:
         with torch.no_grad():
             delta = layer.scaling * (layer.lora_B.weight @ layer.lora_A.weight)  # (d_out, d_in), fp32

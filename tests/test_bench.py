@@ -6,14 +6,16 @@ that the FLOP count they divide by is the right one.
 """
 import json
 import math
+import sys
 
 import pytest
 import torch
 import torch.nn as nn
 
-from bench import generate_speed, train_speed
+from bench import full_size, generate_speed, train_speed
 from conftest import shared_path
-from model import ModelConfig, Transformer
+from memory import weight_bytes
+from model import SHAPE_FIELDS, ModelConfig, Transformer, load_model, model_config
 
 
 @pytest.fixture(autouse=True)
@@ -154,3 +156,55 @@ def test_eval_workload_runs_through_generate_batches(tmp_path):
     assert 0 < row["new_tokens"] <= 12 * 4 and row["stopped_at_eos"] <= 12
     assert positive(row["wall_s"]) and positive(row["new_tokens_per_s"])
     assert "| tiny | ours eager | 12 | 5 | 4 |" in result["tables"]["eval"]
+
+
+# ----------------------------------------------------------------------------- full_size
+
+SMALL_LLAMA = ModelConfig(vocab_size=300, dim=64, n_layer=2, n_head=4, ffn_dim=192)  # Meta's rule with multiple_of 32
+
+
+def test_full_size_writes_meta_layout_that_loads(tmp_path):
+    tokenizer = shared_path("spm-tokenizer", "tokenizer.model")
+    folder = tmp_path / "llama" / "7B"
+    full_size.write_meta_llama(folder, SMALL_LLAMA, tokenizer, multiple_of=32)
+    # LLaMA-1's params.json, and the tokenizer beside the size folders as in Meta's download
+    assert json.loads((folder / "params.json").read_text()) == {
+        "dim": 64, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-06, "multiple_of": 32, "vocab_size": -1}
+    assert (tmp_path / "llama" / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
+    config, _ = model_config(str(folder))
+    assert all(getattr(config, f) == getattr(SMALL_LLAMA, f) for f in SHAPE_FIELDS)
+    state = torch.load(folder / "consolidated.00.pth", weights_only=True)
+    assert {t.dtype for t in state.values()} == {torch.float16}
+    assert abs(state["layers.0.feed_forward.w1.weight"].float().std().item() - 0.02) < 0.001
+    model = load_model(str(folder), dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert model(torch.randint(0, 300, (1, 8))).isfinite().all()
+
+
+def test_full_size_refuses_a_config_params_json_cannot_describe(tmp_path):
+    with pytest.raises(ValueError, match="ffn_dim 192"):
+        full_size.write_meta_llama(tmp_path, ModelConfig(vocab_size=300, dim=64, n_layer=2, n_head=4, ffn_dim=200),
+                                   tmp_path / "tokenizer.model", multiple_of=32)
+
+
+def test_full_size_load_child_reports_or_refuses(tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "llama" / "7B"
+    full_size.write_meta_llama(folder, SMALL_LLAMA, shared_path("spm-tokenizer", "tokenizer.model"), multiple_of=32)
+    full_size.main(["--folder", str(folder), "--load_child", "bf16", "int8"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["model_bytes"] == sum(weight_bytes(SMALL_LLAMA, "bf16", "int8").values())
+    assert report["load_s"] > 0 and report["rss_after_load"] > report["model_bytes"]
+    monkeypatch.setattr("memory.memory_available", lambda device: 2 ** 20)  # 1 MiB: nothing fits
+    full_size.main(["--folder", str(folder), "--load_child", "fp32", "none"])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["refused"].startswith("evaluation in fp32 needs")
+
+
+def test_full_size_measures_each_child_on_its_own(tmp_path):
+    """os.wait4 gives each child's own peak (never below this process's RSS: Linux starts a child's count there)."""
+    big = full_size.run([sys.executable, "-c", "x = bytearray(1_500_000_000); print('held')"], tmp_path / "big.log")
+    small = full_size.run([sys.executable, "-c", "print('small')"], tmp_path / "small.log")
+    assert big["returncode"] == 0 and big["last_line"] == "held" and big["peak_rss"] > 1_500_000_000
+    assert small["peak_rss"] < big["peak_rss"] - 500_000_000
+    failed = full_size.run([sys.executable, "-c", "raise SystemExit('error: no')"], tmp_path / "failed.log")
+    assert failed["returncode"] == 1 and full_size.describe("eval", failed) == "exit 1: error: no"

@@ -11,13 +11,17 @@ import copy
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from transformers import GPTJConfig, GPTJForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from model import CheckpointError, ModelConfig, Transformer, load_checkpoint
+from model import (CheckpointError, ModelConfig, StoredTensor, Transformer, load_checkpoint, load_model,
+                   model_config)
+from quantize import quantize_model
 
 VOCAB = 300        # even, so Meta's model-parallel split of `output` is exact
 DIM, N_LAYER, N_HEAD = 64, 2, 4
@@ -99,6 +103,15 @@ def hf_greedy(hf_model, prompt, max_new_tokens=20, **kwargs):
     kwargs.setdefault("eos_token_id", None)
     out = hf_model.generate(prompt, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, **kwargs)
     return out[:, prompt.shape[1]:].tolist()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny shapes gain nothing from threads, and on a busy machine extra threads make each step stall
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def assert_logits_equal(ours, reference, atol=1e-5):
@@ -570,3 +583,246 @@ def test_unknown_extra_key_is_an_error(saved, tmp_path):
     folder = copy_config(source, tmp_path / "hf")
     save_file(state, folder / "model.safetensors")
     check_error(["model.layers.0.self_attn.q_proj.bias"], folder)
+
+
+# ----------------------------------------------------------------------------- any LLaMA / GPT-J folder
+
+def test_a_folder_is_a_model_and_loads_in_eval_mode(saved):
+    hf_model, folder = saved("llama-gqa")
+    config, found = model_config(str(folder))
+    assert found == folder and config.n_kv_heads == 2 and config.vocab_size == VOCAB
+    model = load_model(str(folder))
+    assert not model.training and not load_checkpoint(folder).training and not load_model("tiny").training
+    idx = random_tokens(2, 9)
+    with torch.no_grad():
+        assert_logits_equal(model(idx), hf_logits(hf_model, idx))
+
+
+def test_model_config_reads_no_weights(saved, tmp_path, monkeypatch):
+    """params.json with vocab_size -1 takes the vocab from the pickled index of consolidated.00.pth."""
+    hf_model, _ = saved("llama")
+    folder = write_meta(tmp_path / "meta", hf_model, n_shards=2)
+    real_load = torch.load
+
+    def load_without_data(*args, **kwargs):
+        assert kwargs.get("map_location") == "meta", "a weights file was read"
+        return real_load(*args, **kwargs)
+    monkeypatch.setattr(torch, "load", load_without_data)
+    monkeypatch.setattr(StoredTensor, "read", lambda self: pytest.fail("a tensor was read"))
+    config, found = model_config(str(folder))
+    assert config.vocab_size == VOCAB and config.ffn_dim == FFN_DIM and found == folder
+
+
+def test_a_preset_name_checks_the_folder_shapes(saved):
+    _, folder = saved("llama")
+    with pytest.raises(CheckpointError) as error:
+        model_config("llama-7b", folder)
+    assert "vocab_size" in str(error.value) and "llama-7b" in str(error.value)
+    assert model_config("tiny") == (ModelConfig.from_name("tiny"), None)
+    with pytest.raises(CheckpointError) as error:
+        model_config("llama-13b")  # no checkpoints/llama-13b here
+    assert "llama-13b needs its weights" in str(error.value) and "--checkpoint_dir" in str(error.value)
+
+
+def test_model_that_is_neither_preset_nor_folder(tmp_path):
+    with pytest.raises(CheckpointError) as error:
+        model_config(str(tmp_path / "llama-8b"))
+    message = str(error.value)
+    assert "neither a preset" in message and "llama-13b" in message and "\n" not in message
+
+
+def test_llama2_params_json_loads(tmp_path):
+    """Llama-2-70B's params.json fields: n_kv_heads, ffn_dim_multiplier, norm_eps 1e-5."""
+    torch.manual_seed(5)
+    # Meta's rule: 32 * ceil(int(1.3 * int(2/3 * 4 * 64)) / 32) = 32 * ceil(221 / 32) = 224
+    hf_model = randomize_(LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=DIM, intermediate_size=224, num_hidden_layers=N_LAYER, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, tie_word_embeddings=False)))
+    folder = write_meta(tmp_path / "meta", hf_model, n_shards=2)
+    params = {"dim": DIM, "multiple_of": 32, "ffn_dim_multiplier": 1.3, "n_heads": 4, "n_kv_heads": 2,
+              "n_layers": N_LAYER, "norm_eps": 1e-05, "vocab_size": -1}
+    (folder / "params.json").write_text(json.dumps(params))
+    model = load_model(str(folder))
+    assert (model.config.ffn_dim, model.config.n_kv_heads, model.config.norm_eps) == (224, 2, 1e-5)
+    idx = random_tokens(2, 9)
+    with torch.no_grad():
+        assert_logits_equal(model(idx), hf_logits(hf_model, idx))
+
+
+@pytest.mark.parametrize("layout", ["hf", "meta"])
+def test_code_llama_rope_theta_and_vocab_load(tmp_path, layout):
+    """Code Llama: rope_theta 1e6 and 32016 tokens."""
+    torch.manual_seed(6)
+    hf_model = randomize_(LlamaForCausalLM(LlamaConfig(
+        vocab_size=32016, hidden_size=DIM, intermediate_size=FFN_DIM, num_hidden_layers=N_LAYER,
+        num_attention_heads=N_HEAD, rope_theta=1e6, rms_norm_eps=1e-5, tie_word_embeddings=False)))
+    if layout == "hf":
+        hf_model.save_pretrained(tmp_path)
+        folder = tmp_path
+    else:
+        folder = write_meta(tmp_path / "meta", hf_model, n_shards=1)
+        (folder / "params.json").write_text(json.dumps(
+            {"dim": DIM, "n_layers": N_LAYER, "n_heads": N_HEAD, "multiple_of": MULTIPLE_OF, "ffn_dim_multiplier": 1.0,
+             "norm_eps": 1e-5, "rope_theta": 1000000, "vocab_size": 32016}))
+    model = load_model(str(folder))
+    assert model.config.rope_theta == 1e6 and model.config.vocab_size == 32016
+    idx = torch.randint(3, 32016, (2, 40), generator=torch.Generator().manual_seed(0))  # theta matters at 40
+    with torch.no_grad():
+        assert_logits_equal(model(idx), hf_logits(hf_model, idx))
+
+
+def edited_config(source, folder, **fields):
+    folder.mkdir()
+    config = json.loads((source / "config.json").read_text())
+    config.update(fields)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("kind, field, value", [
+    ("llama", "rope_scaling", {"type": "linear", "factor": 2.0}),
+    ("llama", "rope_parameters", {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}),
+    ("llama", "sliding_window", 4096),
+    ("llama", "attention_bias", True),
+    ("llama", "mlp_bias", True),
+    ("llama", "head_dim", 32),
+    ("llama", "hidden_act", "gelu"),
+    ("llama", "model_type", "mistral"),
+    ("llama", "quantization_config", {"quant_method": "gptq", "bits": 4}),
+    ("gptj", "tie_word_embeddings", True),
+    ("gptj", "activation_function", "relu"),
+])
+def test_configs_that_cannot_run_exactly_are_refused(saved, tmp_path, kind, field, value):
+    _, source = saved(kind)
+    folder = edited_config(source, tmp_path / "edited", **{field: value})
+    with pytest.raises(CheckpointError) as error:
+        model_config(str(folder))
+    message = str(error.value)
+    assert field in message and json.dumps(value) in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("field, value", [("use_scaled_rope", True), ("moe_experts", 8)])
+def test_params_json_that_cannot_run_exactly_is_refused(tmp_path, field, value):
+    params = {"dim": 64, "multiple_of": 32, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-5, "vocab_size": 300,
+              field: value}
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    with pytest.raises(CheckpointError) as error:
+        model_config(str(tmp_path))
+    assert field in str(error.value) and json.dumps(value) in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("file_name", ["params.json", "config.json"])
+def test_invalid_json_is_a_checkpoint_error(tmp_path, file_name):
+    (tmp_path / file_name).write_text('{"dim": 64, "n_heads": 4,,}')
+    check_error([file_name, "not valid JSON", "line 1"], tmp_path)
+
+
+def test_config_json_missing_a_field_names_it(saved, tmp_path):
+    _, source = saved("llama")
+    folder = copy_config(source, tmp_path / "hf")
+    config = json.loads((folder / "config.json").read_text())
+    del config["hidden_size"]
+    (folder / "config.json").write_text(json.dumps(config))
+    check_error(["config.json", "'hidden_size'"], folder)
+
+
+def test_safetensors_offsets_that_do_not_fit_the_shape(saved, tmp_path):
+    _, source = saved("llama")
+    folder = tmp_path / "hf"
+    shutil.copytree(source, folder)
+    file = folder / "model.safetensors"
+    data = file.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_len])
+    header["model.norm.weight"]["shape"] = [96]  # 96 values where its offsets hold 64 (same digit count)
+    new_header = json.dumps(header, separators=(",", ":")).encode().ljust(header_len)  # same length: offsets stay valid
+    assert len(new_header) == header_len
+    file.write_bytes(data[:8] + new_header + data[8 + header_len:])
+    check_error(["model.norm.weight", "data_offsets", "download it again"], folder)
+
+
+def test_random_bytes_as_meta_weights(saved, tmp_path):
+    hf_model, _ = saved("llama")
+    folder = write_meta(tmp_path / "meta", hf_model, n_shards=1)
+    (folder / "consolidated.00.pth").write_bytes(bytes(range(256)) * 64)
+    message = check_error(["consolidated.00.pth", "download it again"], folder)
+    assert "weights_only" not in message
+
+
+def test_refused_pickle_never_suggests_turning_off_weights_only(saved, tmp_path):
+    hf_model, source = saved("llama")
+    folder = copy_config(source, tmp_path / "hf")
+    state = dict(hf_model.state_dict())
+    state["model.norm.weight"] = MakesADirectoryWhenUnpickled(str(tmp_path / "code-was-run"))
+    torch.save(state, folder / "pytorch_model.bin")
+    message = check_error(["pytorch_model.bin", "posix.mkdir"], folder)
+    assert "weights_only" not in message
+
+
+# ----------------------------------------------------------------------------- precision and quantizing while loading
+
+def fp16_folders(saved, tmp_path):
+    """The tiny LLaMA saved in fp16, as Hugging Face safetensors and as two Meta shards."""
+    hf_model, _ = saved("llama")
+    half = copy.deepcopy(hf_model).half()
+    half.save_pretrained(tmp_path / "hf")
+    return {"hf": tmp_path / "hf", "meta": write_meta(tmp_path / "meta", half, n_shards=2)}
+
+
+@pytest.mark.parametrize("quantize", [None, "int8", "nf4"])
+def test_fp16_files_load_in_any_dtype_and_quantized(saved, tmp_path, quantize):
+    for layout, folder in fp16_folders(saved, tmp_path).items():
+        reference = load_checkpoint(folder, dtype=torch.float32)  # fp16 -> fp32 is exact
+        if quantize:
+            quantize_model(reference, quantize)
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            model = load_checkpoint(folder, dtype=dtype, quantize=quantize)
+            assert list(model.state_dict()) == list(reference.state_dict()), layout
+            for key, tensor in model.state_dict().items():
+                expected = reference.state_dict()[key]
+                # codes and scales are made from the stored precision, whatever the compute dtype
+                if expected.is_floating_point() and not key.endswith(".scale"):
+                    expected = expected.to(dtype)
+                assert tensor.dtype == expected.dtype and torch.equal(tensor, expected), (layout, key)
+
+
+PEAK_WHILE_LOADING = """
+import sys, torch
+from model import ModelConfig, Transformer, load_checkpoint
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+with torch.device("meta"):  # the first model built on meta loads ~70 MB of torch code: not the weights'
+    Transformer(ModelConfig.from_name("tiny"))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) starts again from here
+before = status("VmRSS")
+model = load_checkpoint(sys.argv[1], dtype=torch.bfloat16)
+print(before, status("VmHWM"))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="resets and reads Linux's peak RSS in /proc")
+def test_loading_holds_one_copy_of_the_weights(tmp_path):
+    """fp16 file -> bf16 model in a fresh process: its peak RSS grows by the model, not model + file."""
+    torch.manual_seed(7)
+    config = dict(vocab_size=1024, dim=512, n_layer=8, n_head=8, ffn_dim=1536)  # 27M params, 54 MB in fp16
+    with torch.device("meta"):
+        model = Transformer(ModelConfig(**config))
+    state = {k: torch.randn(v.shape).half() for k, v in model.state_dict().items()}
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 512, "multiple_of": 512, "n_heads": 8, "n_layers": 8,
+                                                      "norm_eps": 1e-6, "vocab_size": 1024}))
+    torch.save(state, tmp_path / "consolidated.00.pth")
+    model_bytes = sum(t.numel() for t in state.values()) * 2
+    largest = max(t.numel() for t in state.values()) * 2
+    # glibc would keep freed read buffers of these small tensors in its heap (a 7B's are all over its
+    # 32 MB threshold, so they go back to the system at once); a fixed threshold shows live memory only
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    out = subprocess.run([sys.executable, "-c", PEAK_WHILE_LOADING, str(tmp_path)], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), env=env, check=True).stdout
+    before, peak = map(int, out.split())
+    # one copy of the model and one tensor's read buffer; a memory-mapped file adds the file (2x)
+    assert peak - before < model_bytes + largest + 8 * 2 ** 20, (peak - before, model_bytes)
