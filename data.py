@@ -283,9 +283,9 @@ def load_tokenizer(folder):
                     f"found neither: point to the checkpoint folder that holds the tokenizer files")
 
 
-def tokenizer_for(model_name, checkpoint_dir):
-    """The tokenizer of a model preset: bytes for the random tiny presets, else the checkpoint's."""
-    return ByteTokenizer() if model_name.startswith("tiny") else load_tokenizer(checkpoint_dir)
+def tokenizer_for(checkpoint_dir):
+    """The tokenizer of a checkpoint folder; bytes for the random tiny presets, which have none (None)."""
+    return ByteTokenizer() if checkpoint_dir is None else load_tokenizer(checkpoint_dir)
 
 
 

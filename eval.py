@@ -28,10 +28,13 @@ from tqdm import tqdm  # noqa: E402
 
 import distributed  # noqa: E402
 import interlora  # noqa: E402
+import memory  # noqa: E402
 import runs  # noqa: E402
 from data import DataError, extract_answer, generate_prompt, is_correct, load_task, tokenizer_for  # noqa: E402
 from interlora import AdapterError  # noqa: E402
-from model import CheckpointError, ModelConfig, load_model  # noqa: E402
+from memory import NotEnoughMemory  # noqa: E402
+from model import CheckpointError, load_model, model_config  # noqa: E402
+from quantize import QUANTIZE_KINDS  # noqa: E402
 from runs import RunError  # noqa: E402
 
 
@@ -39,9 +42,12 @@ from runs import RunError  # noqa: E402
 class EvalSettings:
     adapter: str = field(default="", metadata={"help": "adapter file written by train.py"})
     base: bool = field(default=False, metadata={"help": "evaluate the base model alone, without adapters"})
-    model: str = field(default="", metadata={"help": "model preset (default: the adapter's)"})
+    model: str = field(default="", metadata={"help": "model preset or checkpoint folder (default: the adapter's)"})
     task: str = field(default="", metadata={"help": "math or commonsense (default: the adapter's)"})
-    checkpoint_dir: str = field(default="", metadata={"help": "folder of the base weights (default: the adapter's)"})
+    checkpoint_dir: str = field(default="", metadata={"help": "folder of a preset's weights (default: the adapter's)"})
+    dtype: str = field(default="", metadata={"help": "the base's dtype: bf16, fp16 or fp32 (default: bf16 on CUDA; "
+                                             "on the CPU fp32 if it fits in memory, else bf16)"})
+    quantize: str = field(default="", metadata={"help": "int8 or nf4: keep the base's block weights in 8 or 4 bits"})
     data_dir: str = field(default="data", metadata={"help": "LLM-Adapters data (python data.py download)"})
     datasets: str = field(default="", metadata={"help": "comma-separated test sets, e.g. SVAMP,gsm8k (default: all of the task)"})
     limit: int = field(default=0, metadata={"help": "evaluate only the first N items of each test set (default 0: all)",
@@ -57,6 +63,10 @@ def parse_settings(argv=None):
     s = runs.settings_from_command_line(EvalSettings, __doc__.split("\n\n")[0], argv)
     if not s.adapter and not (s.base and s.model and s.task):
         raise RunError("pass --adapter FILE, or --base with --model and --task")
+    if s.dtype not in ("", *memory.DTYPES):
+        raise RunError(f"--dtype {s.dtype!r}: expected one of {', '.join(memory.DTYPES)}")
+    if s.quantize not in ("", *QUANTIZE_KINDS):
+        raise RunError(f"--quantize {s.quantize!r}: expected one of {', '.join(QUANTIZE_KINDS)}")
     s.device = runs.choose_device(s.device)
     return s
 
@@ -66,11 +76,11 @@ def file_sha256(path):
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def base_fingerprint(model_name, checkpoint_dir):
+def base_fingerprint(model_name, folder):
     """What identifies the base weights without reading them: each file's name, size and modification time."""
-    if model_name.startswith("tiny"):
+    if folder is None:
         return f"{model_name}: random weights, seed 0"
-    folder = Path(checkpoint_dir)
+    folder = Path(folder)
     files = [f for f in sorted(folder.iterdir()) if f.is_file()] + [folder.parent / "tokenizer.model"]
     stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
@@ -106,16 +116,16 @@ def check_same_run(path, run):
     saved = runs.read_json(path, "delete the folder, or choose another --out_dir")
     changed = sorted(k for k in run.keys() | saved.keys() if run.get(k) != saved.get(k))
     if changed:
-        raise RunError(f"{os.path.dirname(path)} holds predictions of another evaluation (its {', '.join(changed)} "
-                       "differ): delete the folder, or choose another --out_dir")
+        raise RunError(f"{os.path.dirname(path)} holds predictions of another evaluation (different "
+                       f"{', '.join(changed)}): delete the folder, or choose another --out_dir")
 
 
 @dataclass
 class Evaluation:
     """What one evaluation is, settled before any weight is read."""
-    model: str
+    model: str            # as given: a preset name or a checkpoint folder
     task: str
-    checkpoint_dir: str
+    checkpoint_dir: str   # the folder of the weights, "" for the random tiny presets
     method: str           # the adapter's method, or "base"
     out_dir: str
     run: dict             # what run.json holds: predictions are reused only by the same evaluation
@@ -126,16 +136,18 @@ class Evaluation:
 
 
 def plan(s):
-    """Resolve the settings against the adapter file and the data; checks everything but the weights."""
+    """(Evaluation, tokenizer): the settings resolved against the adapter file, the data and the memory
+    the run needs; everything is checked but the weights."""
     info = interlora.read_adapter(s.adapter)["info"] if s.adapter else {}
     model_name, task_name = s.model or info.get("model"), s.task or info.get("task")
-    ModelConfig.from_name(model_name)
-    checkpoint_dir = s.checkpoint_dir or info.get("checkpoint_dir") or os.path.join("checkpoints", model_name)
+    if not model_name or not task_name:
+        raise RunError(f"{s.adapter} names no model or task: pass --model and --task")
+    # the adapter's own folder unless another model or folder is given
+    checkpoint_dir = s.checkpoint_dir or (info.get("checkpoint_dir") if not s.model else "") or None
+    config, folder = model_config(model_name, checkpoint_dir)  # reads params.json / config.json only
     default_out = os.path.join(os.path.dirname(os.path.abspath(s.adapter)) if s.adapter else "out",
                                f"eval-{task_name}" + ("-base" if s.base else ""))
     out_dir = s.out_dir or default_out
-    print(json.dumps(asdict(s) | {"model": model_name, "task": task_name, "checkpoint_dir": checkpoint_dir,
-                                  "out_dir": out_dir}, indent=2))
     datasets = [d.strip() for d in s.datasets.split(",") if d.strip()] or None
     task = load_task(task_name, s.data_dir, datasets=datasets, with_train=False)
     max_new_tokens = s.max_new_tokens or task.max_new_tokens
@@ -143,17 +155,26 @@ def plan(s):
     prompts = {(name, i): generate_prompt(item["instruction"], item["input"])
                for name, test in items.items() for i, item in enumerate(test)}
     keys = {(name, i): item_key(name, prompt, items[name][i]["answer"]) for (name, i), prompt in prompts.items()}
+    tokenizer = tokenizer_for(folder)
+    # the longest sequence a batch holds: the longest prompt and the answer
+    seq_len = max((len(tokenizer.encode(p)) for p in prompts.values()), default=1) + max_new_tokens
+    s.dtype, note = memory.plan(config, s.device, s.dtype, s.quantize or None, training=False,
+                                batch_size=min(s.batch_size, max(1, len(prompts))), seq_len=seq_len)
     run = {"model": model_name, "task": task_name, "base": s.base, "max_new_tokens": max_new_tokens,
+           "dtype": s.dtype, "quantize": s.quantize or None,
            "adapter_sha256": None if s.base else file_sha256(s.adapter),
-           "base_weights": base_fingerprint(model_name, checkpoint_dir)}
-    return Evaluation(model_name, task_name, checkpoint_dir, "base" if s.base else info.get("method", "adapter"),
-                      out_dir, run, items, prompts, keys, max_new_tokens)
+           "base_weights": base_fingerprint(model_name, folder)}
+    print(json.dumps(asdict(s) | {"model": model_name, "task": task_name, "checkpoint_dir": str(folder or ""),
+                                  "out_dir": out_dir}, indent=2))
+    if note:
+        print(note)
+    return Evaluation(model_name, task_name, str(folder or ""), "base" if s.base else info.get("method", "adapter"),
+                      out_dir, run, items, prompts, keys, max_new_tokens), tokenizer
 
 
 def evaluate(s):
     # everything that can be checked without the weights first, and no output folder until they loaded
-    e = plan(s)
-    tokenizer = tokenizer_for(e.model, e.checkpoint_dir)
+    e, tokenizer = plan(s)
     runs.check_output_dir(e.out_dir)
     check_same_run(os.path.join(e.out_dir, "run.json"), e.run)
     group = distributed.start(s.device)  # None for a single process
@@ -167,8 +188,8 @@ def evaluate_on(s, e, tokenizer, group):
     """Load the model and generate what is missing: alone, or as one of group.world_size processes."""
     device = group.device if group else s.device
     main_process = group is None or group.main
-    model = load_model(e.model, e.checkpoint_dir, device=device,
-                       dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    model = load_model(e.model, e.checkpoint_dir or None, device=device, dtype=memory.DTYPES[s.dtype],
+                       quantize=s.quantize or None)
     params = 0
     if not s.base:
         cfg, _ = interlora.load_adapter(model, s.adapter)
@@ -195,7 +216,7 @@ def evaluate_on(s, e, tokenizer, group):
 
         accuracy = {name: 100 * sum(done[(name, i)]["correct"] for i in range(len(test))) / max(1, len(test))
                     for name, test in e.items.items()}
-        table, average = results_table(e.model, e.method, params, accuracy)
+        table, average = results_table(Path(e.model).name, e.method, params, accuracy)
         print(table)
         runs.write_text(out / "results.md", table)
         runs.write_json(out / "results.json",
@@ -279,7 +300,7 @@ def generate_predictions(model, tokenizer, s, e, group, todo, done):
 
 def main(argv=None):
     return runs.run_command(lambda argv: evaluate(parse_settings(argv)), argv,
-                            errors=(CheckpointError, DataError, AdapterError))
+                            errors=(CheckpointError, DataError, AdapterError, NotEnoughMemory))
 
 
 if __name__ == "__main__":

@@ -205,3 +205,21 @@ def default_dtype(config, device, quantize=None, training=False, batch_size=1, s
                         "available); --dtype bf16 halves the weights")
     return "bf16", (f"frozen base in bf16: fp32 would need {_gib(total)} GiB but {_gib(available)} GiB are "
                     "available (pass --dtype fp32 to insist)")
+
+
+def plan(config, device, dtype="", quantize=None, processes=1, **run):
+    """(dtype name, note or None) of the frozen base for a run: `dtype` if given, else
+    default_dtype's choice (and its one-line note); raises NotEnoughMemory if the run cannot fit.
+
+    processes: how many processes of one torchrun launch share this device's memory (the CPU);
+    run: training, batch_size, seq_len, trainable_params, autocast, grad_checkpointing.
+    """
+    available = memory_available(device)
+    if available is not None:
+        available //= processes
+    note = None
+    if not dtype:
+        defaults = {k: v for k, v in run.items() if k != "autocast"}  # on the CPU, where the default matters, none
+        dtype, note = default_dtype(config, device, quantize, available=available, **defaults)
+    check_memory(config, device, dtype, quantize, available=available, **run)
+    return dtype, note

@@ -25,10 +25,13 @@ import torch  # noqa: E402
 
 import gates  # noqa: E402
 import interlora  # noqa: E402
+import memory  # noqa: E402
 import runs  # noqa: E402
 from data import DataError, collate, generate_prompt, load_task, tokenize_item, tokenizer_for  # noqa: E402
 from interlora import AdapterError  # noqa: E402
-from model import CheckpointError, load_model  # noqa: E402
+from memory import NotEnoughMemory  # noqa: E402
+from model import CheckpointError, load_model, model_config  # noqa: E402
+from quantize import QUANTIZE_KINDS  # noqa: E402
 from runs import RunError  # noqa: E402
 
 PICTURE_SIZE = (8, 5)  # inches at 100 dpi: 800 x 500 pixels
@@ -46,6 +49,8 @@ class ReportSettings:
     cutoff_len: int = field(default=256, metadata={"help": "tokens per training text (--items train)", "min": 2})
     runs: str = field(default="", metadata={"help": "comma-separated run folders whose loss curves go beside this one's"})
     checkpoint_dir: str = field(default="", metadata={"help": "folder of the base weights (default: the adapter's)"})
+    dtype: str = field(default="", metadata={"help": "the base's dtype: bf16, fp16 or fp32 (default as in eval.py)"})
+    quantize: str = field(default="", metadata={"help": "int8 or nf4: keep the base's block weights in 8 or 4 bits"})
     out_dir: str = field(default="", metadata={"help": "output folder (default: report-<task> beside the adapter)"})
     device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
 
@@ -56,6 +61,9 @@ def parse_settings(argv=None):
         raise RunError("pass --adapter FILE (written by train.py)")
     if s.items not in ("test", "train"):
         raise RunError(f"--items {s.items!r}: expected test or train")
+    if s.dtype not in ("", *memory.DTYPES) or s.quantize not in ("", *QUANTIZE_KINDS):
+        raise RunError(f"--dtype {s.dtype!r} --quantize {s.quantize!r}: expected a dtype among "
+                       f"{', '.join(memory.DTYPES)} and a quantization among {', '.join(QUANTIZE_KINDS)}")
     s.device = runs.choose_device(s.device)
     return s
 
@@ -82,20 +90,23 @@ def report(s):
         raise RunError(f"{s.adapter} has no gates (method {info.get('method', cfg.method)}): a gate report needs "
                        "an InterLoRA variant with a head or an FFN gate")
     model_name, task_name = info["model"], info["task"]
-    checkpoint_dir = s.checkpoint_dir or info.get("checkpoint_dir") or os.path.join("checkpoints", model_name)
+    config, folder = model_config(model_name, s.checkpoint_dir or info.get("checkpoint_dir") or None)
+    s.dtype, note = memory.plan(config, s.device, s.dtype, s.quantize or None, training=False,
+                                batch_size=s.batch_size, seq_len=s.cutoff_len)
     out_dir = s.out_dir or os.path.join(os.path.dirname(os.path.abspath(s.adapter)), f"report-{task_name}")
     print(json.dumps(asdict(s) | {"model": model_name, "task": task_name, "out_dir": out_dir}, indent=2))
+    if note:
+        print(note)
     datasets = [d.strip() for d in s.datasets.split(",") if d.strip()] or None
     task = load_task(task_name, s.data_dir, datasets=datasets, with_train=s.items == "train")
-    tokenizer = tokenizer_for(model_name, checkpoint_dir)
+    tokenizer = tokenizer_for(folder)
     other_runs = [Path(folder) for folder in s.runs.split(",") if folder.strip()]
     for folder in other_runs:
         if not (folder / "log.jsonl").exists():
             raise RunError(f"{folder} holds no log.jsonl: --runs takes the output folders of train.py")
     runs.check_output_dir(out_dir)
 
-    model = load_model(model_name, checkpoint_dir, device=s.device,
-                       dtype=torch.bfloat16 if s.device.startswith("cuda") else torch.float32)
+    model = load_model(model_name, folder, device=s.device, dtype=memory.DTYPES[s.dtype], quantize=s.quantize or None)
     interlora.load_adapter(model, s.adapter)
     model.eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.device.startswith("cuda"))
@@ -264,7 +275,7 @@ def draw(folder, statistics, steps, logs):
 
 def main(argv=None):
     return runs.run_command(lambda argv: report(parse_settings(argv)), argv,
-                            errors=(CheckpointError, DataError, AdapterError))
+                            errors=(CheckpointError, DataError, AdapterError, NotEnoughMemory))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -36,20 +37,27 @@ from tqdm import tqdm  # noqa: E402
 import distributed  # noqa: E402
 import gates  # noqa: E402
 import interlora  # noqa: E402
+import memory  # noqa: E402
 import runs  # noqa: E402
 from data import TASKS, DataError, collate, load_task, tokenize_item, tokenizer_for  # noqa: E402
 from interlora import AdapterError, InterLoRAConfig  # noqa: E402
-from model import CheckpointError, ModelConfig, load_model  # noqa: E402
+from memory import NotEnoughMemory  # noqa: E402
+from model import CheckpointError, Transformer, load_model, model_config  # noqa: E402
+from quantize import QUANTIZE_KINDS  # noqa: E402
 from runs import RunError  # noqa: E402
 
 
 @dataclass
 class TrainSettings:
-    model: str = field(default="llama-7b", metadata={"help": "model preset: llama-7b, llama-13b, gptj-6b, tiny, tiny-gptj"})
+    model: str = field(default="llama-7b", metadata={"help": "model preset (llama-7b, llama-13b, gptj-6b, tiny, "
+                                                     "tiny-gptj) or a LLaMA / GPT-J checkpoint folder"})
     task: str = field(default="math", metadata={"help": "math or commonsense"})
     method: str = field(default="interlora", metadata={"help": "interlora, lora, or an ablation: "
                                                        + ", ".join(list(interlora.VARIANTS)[2:])})
-    checkpoint_dir: str = field(default="", metadata={"help": "folder of the base weights (default checkpoints/<model>)"})
+    checkpoint_dir: str = field(default="", metadata={"help": "folder of a preset's weights (default checkpoints/<model>)"})
+    dtype: str = field(default="", metadata={"help": "the frozen base's dtype: bf16, fp16 or fp32 (default: bf16 on "
+                                             "CUDA; on the CPU fp32 if the run fits in memory, else bf16)"})
+    quantize: str = field(default="", metadata={"help": "int8 or nf4: keep the base's block weights in 8 or 4 bits"})
     data_dir: str = field(default="data", metadata={"help": "LLM-Adapters data (python data.py download)"})
     out_dir: str = field(default="", metadata={"help": "output folder (default out/<model>-<task>-<method>)"})
     r: int = field(default=0, metadata={"help": "LoRA rank (default 0: the method's, 4 for interlora, 10 for lora)",
@@ -91,9 +99,11 @@ def parse_settings(argv=None):
         raise RunError(f"unknown --method {s.method!r}: choose one of {', '.join(interlora.VARIANTS)}")
     if s.task not in TASKS:
         raise RunError(f"unknown --task {s.task!r}: expected one of {', '.join(TASKS)}")
-    ModelConfig.from_name(s.model)
-    s.checkpoint_dir = s.checkpoint_dir or os.path.join("checkpoints", s.model)
-    s.out_dir = s.out_dir or os.path.join("out", f"{s.model}-{s.task}-{s.method}")
+    if s.dtype not in ("", *memory.DTYPES):
+        raise RunError(f"--dtype {s.dtype!r}: expected one of {', '.join(memory.DTYPES)}")
+    if s.quantize not in ("", *QUANTIZE_KINDS):
+        raise RunError(f"--quantize {s.quantize!r}: expected one of {', '.join(QUANTIZE_KINDS)}")
+    s.out_dir = s.out_dir or os.path.join("out", f"{Path(s.model).name}-{s.task}-{s.method}")
     s.device = runs.choose_device(s.device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     if s.grad_accum % world_size:
@@ -184,14 +194,22 @@ def check_same_settings(saved, s, path):
 def train(s):
     # everything that can be checked without the weights is checked first: a mistake should
     # fail in seconds, before minutes of loading, and leave no output folder behind
+    config, folder = model_config(s.model, s.checkpoint_dir or None)  # reads params.json / config.json only
+    s.checkpoint_dir = str(folder) if folder else ""
     cfg = InterLoRAConfig(**interlora.VARIANTS[s.method], r=s.r, alpha=s.alpha, dropout=s.dropout,
                           gate_pool=s.gate_pool)
+    n_trainable = trainable_parameters(config, cfg)
+    if s.resume and not s.dtype:  # a resumed run keeps the dtype it started with
+        s.dtype = saved_settings(s.out_dir).get("dtype", "")
+    note = choose_dtype(s, config, n_trainable)
     print(json.dumps(asdict(s), indent=2))
+    if note:
+        print(note)
     task = load_task(s.task, s.data_dir, datasets=[])
     if not task.train:
         raise DataError(f"the {s.task} training file in {s.data_dir} holds no items: download it again "
                         "(python data.py download)")
-    tokenizer = tokenizer_for(s.model, s.checkpoint_dir)
+    tokenizer = tokenizer_for(folder)
     examples = [tokenize_item(tokenizer, item, s.cutoff_len, train_on_inputs=not s.mask_prompt) for item in task.train]
     runs.check_output_dir(s.out_dir)
     if check_rerun(s, folder_state(s.out_dir), announce=False):
@@ -204,6 +222,34 @@ def train(s):
         distributed.finish(group)
 
 
+def trainable_parameters(config, cfg):
+    """The adapters' parameter count, from a model built on the meta device (no memory, no time)."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    interlora.add_interlora(model, cfg)
+    return sum(p.numel() for name, p in model.named_parameters() if interlora.is_adapter_parameter(name))
+
+
+def choose_dtype(s, config, n_trainable):
+    """Set s.dtype (given, or the default for the device) once the run is known to fit; the default's note."""
+    if s.shard_base:  # each process keeps 1/N of the base: the single-device estimate does not apply
+        s.dtype = s.dtype or ("bf16" if s.device.startswith("cuda") else "fp32")
+        return None
+    cpu_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if s.device == "cpu" else 1
+    s.dtype, note = memory.plan(config, s.device, s.dtype, s.quantize or None, processes=cpu_processes,
+                                training=True, batch_size=s.micro_batch_size, seq_len=s.cutoff_len,
+                                trainable_params=n_trainable, autocast=s.device.startswith("cuda"),
+                                grad_checkpointing=s.grad_checkpointing)
+    return note
+
+
+def saved_settings(out_dir):
+    path = os.path.join(out_dir, "settings.json")
+    if not os.path.exists(path):
+        return {}
+    return runs.read_json(path, "delete it, or choose another --out_dir").get("settings", {})
+
+
 def train_on(s, group, cfg, tokenizer, examples):
     """Load the base, add the adapters and train them: alone, or as one of group.world_size processes."""
     device = group.device if group else s.device
@@ -211,8 +257,8 @@ def train_on(s, group, cfg, tokenizer, examples):
     torch.manual_seed(s.seed)  # the adapters' initial weights, the same in every process
     cuda = device.startswith("cuda")
     # a base to be sharded is read into host memory first: it need not fit the device
-    model = load_model(s.model, s.checkpoint_dir, device="cpu" if s.shard_base else device,
-                       dtype=torch.bfloat16 if cuda else torch.float32)
+    model = load_model(s.model, s.checkpoint_dir or None, device="cpu" if s.shard_base else device,
+                       dtype=memory.DTYPES[s.dtype], quantize=s.quantize or None)
     interlora.add_interlora(model, cfg)
     model.grad_checkpointing = s.grad_checkpointing
     params = [p for name, p in model.named_parameters() if interlora.is_adapter_parameter(name)]
@@ -369,7 +415,7 @@ def resume(path, model, optimizer, s, group):
 
 def main(argv=None):
     return runs.run_command(lambda argv: train(parse_settings(argv)), argv,
-                            errors=(CheckpointError, DataError, AdapterError))
+                            errors=(CheckpointError, DataError, AdapterError, NotEnoughMemory))
 
 
 if __name__ == "__main__":

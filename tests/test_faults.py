@@ -410,7 +410,7 @@ BAD_TRAINING = [  # extra flags -> a piece of the one error line
     pytest.param(["--device", "cuda"], "--device cuda: torch sees no CUDA GPU", marks=NO_GPU),
     (["--device", "foo"], "--device 'foo' is not a device"),
     (["--device", "mps"], "--device mps: expected cpu or cuda"),
-    (["--model", "gpt5"], "unknown model 'gpt5'"),
+    (["--model", "gpt5"], "model 'gpt5' is neither a preset"),
     (["--method", "dora"], "unknown --method 'dora'"),
     (["--task", "poetry"], "unknown --task 'poetry'"),
     (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
@@ -421,7 +421,7 @@ BAD_EVALUATION = [
     (["--limit", "-1"], "--limit -1: expected a value at least 0"),
     (["--max_new_tokens", "-5"], "--max_new_tokens -5: expected a value at least 0"),
     (["--datasets", "MMLU"], "unknown math dataset(s) MMLU"),
-    (["--model", "gpt5"], "unknown model 'gpt5'"),
+    (["--model", "gpt5"], "model 'gpt5' is neither a preset"),
     pytest.param(["--device", "cuda"], "--device cuda: torch sees no CUDA GPU", marks=NO_GPU),
 ]
 
@@ -457,18 +457,62 @@ def test_bad_input_files_are_one_line_and_leave_nothing(data_dir, tmp_path, caps
     assert not out.exists()
 
 
-def test_a_checkpoint_that_fails_to_load_leaves_no_output_folder(tmp_path, capsys):
-    folder = tmp_path / "llama" / "7B"
-    folder.mkdir(parents=True)
-    shutil.copy(shared_path("spm-tokenizer", "tokenizer.model"), folder.parent)
-    (folder / "params.json").write_text(json.dumps({"dim": 4096, "n_layers": 32, "n_heads": 32, "multiple_of": 256,
-                                                    "norm_eps": 1e-6, "vocab_size": 32000}))
-    (folder / "consolidated.00.pth").write_bytes(os.urandom(4096))
-    data = shared_path("llm-adapters")
+def damage_config_json(folder):
+    config = json.loads((folder / "config.json").read_text())
+    del config["hidden_size"]
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def damage_offsets(folder):
+    """A .safetensors whose header gives a tensor fewer bytes than its shape needs."""
+    path = folder / "model.safetensors"
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + size])
+    name = next(k for k in header if k != "__metadata__")
+    begin, end = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [begin, end - 4]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    assert len(text) <= size  # the same header, one number smaller: it fits in the space of the old one
+    path.write_bytes(data[:8] + text.ljust(size) + data[8 + size:])
+
+
+def to_meta_layout(folder, damage):
+    """Meta's layout: params.json and consolidated.00.pth (here damaged: cut short or random bytes)."""
+    for name in ("config.json", "model.safetensors", "generation_config.json"):
+        (folder / name).unlink(missing_ok=True)
+    (folder / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32,
+                                                    "norm_eps": 1e-5, "vocab_size": 32000}))
+    path = folder / "consolidated.00.pth"
+    torch.save({"tok_embeddings.weight": torch.zeros(32000, 64)}, path)
+    path.write_bytes(path.read_bytes()[:5000] if damage == "truncated" else os.urandom(5000))
+
+
+BAD_CHECKPOINTS = {  # how the folder is damaged -> a piece of the one error line
+    "params.json is no JSON": (lambda f: (to_meta_layout(f, "truncated"), (f / "params.json").write_text("{dim: 64")),
+                               "params.json is not valid JSON"),
+    "config.json lacks hidden_size": (damage_config_json, "lacks the field 'hidden_size'"),
+    "safetensors offsets do not fit the shape": (damage_offsets, "data_offsets"),
+    "safetensors cut short": (lambda f: (f / "model.safetensors").write_bytes(
+        (f / "model.safetensors").read_bytes()[:-1000]), "truncated"),
+    "pth cut short": (lambda f: to_meta_layout(f, "truncated"), "consolidated.00.pth"),
+    "pth of random bytes": (lambda f: to_meta_layout(f, "random"), "consolidated.00.pth"),
+}
+
+
+@pytest.mark.parametrize("damage", list(BAD_CHECKPOINTS))
+def test_a_damaged_checkpoint_folder_is_one_line_and_leaves_nothing(tmp_path, capsys, damage):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    folder = tmp_path / "llama-tiny"
+    LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                 num_attention_heads=4, tie_word_embeddings=False)).save_pretrained(folder)
+    shutil.copy(shared_path("spm-tokenizer", "tokenizer.model"), folder)
+    make, fragment = BAD_CHECKPOINTS[damage]
+    make(folder)
     out = tmp_path / "out"
-    message = stopped(train_script.main, ["--model", "llama-7b", "--checkpoint_dir", folder, "--data_dir", data,
-                                          "--out_dir", out], capsys)
-    assert "consolidated.00.pth" in message and "corrupt" in message
+    message = stopped(train_script.main, ["--model", folder, "--task", "math", "--max_steps", "1", "--data_dir",
+                                          shared_path("llm-adapters"), "--out_dir", out], capsys)
+    assert fragment in message and "weights_only" not in message
     assert not out.exists()
 
 
