@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -17,6 +18,16 @@ from data import MATH_DATASETS  # noqa: E402  (after the path is set)
 
 # Real data and tokenizer files live beside the project, not in it (a user's clone lacks them).
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tests run torch on one thread: tiny shapes gain nothing from a second, and on a busy machine
+    a descheduled OpenMP thread stalls every parallel region (10x slower steps were seen)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def shared_path(*parts):

@@ -21,13 +21,6 @@ CONFIGS = {name: ModelConfig.from_name(name) for name in ("tiny", "tiny-gptj", "
 CONFIGS["llama2-70b-gqa"] = ModelConfig(dim=8192, n_layer=2, n_head=64, n_kv_heads=8, ffn_dim=28672)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tensor_bytes(tensors):
     return sum(t.numel() * t.element_size() for t in tensors)

@@ -105,14 +105,6 @@ def hf_greedy(hf_model, prompt, max_new_tokens=20, **kwargs):
     return out[:, prompt.shape[1]:].tolist()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny shapes gain nothing from threads, and on a busy machine extra threads make each step stall
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def assert_logits_equal(ours, reference, atol=1e-5):
     torch.testing.assert_close(ours, reference, atol=atol, rtol=0)

@@ -24,14 +24,6 @@ from model import load_model
 from quantize import NF4, NF4_BLOCK, NF4_MIDPOINTS, QUANTIZE_KINDS, QuantizedLinear, quantize_model, quantize_weight
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny shapes gain nothing from threads, and on a busy machine extra threads make each step stall
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tokens(batch, length, seed=0):
     return torch.randint(0, 259, (batch, length), generator=torch.Generator().manual_seed(seed))
