@@ -48,6 +48,7 @@ class EvalSettings:
     max_new_tokens: int = field(default=0, metadata={"help": "tokens to generate (default 0: 256 math, 32 commonsense)",
                                                      "min": 0})
     out_dir: str = field(default="", metadata={"help": "output folder (default: eval-<task> beside the adapter)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the decode step (CUDA graphs on a GPU)"})
     device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
 
 
@@ -200,7 +201,8 @@ def generate_predictions(model, tokenizer, s, todo, prompts, selected, keys, max
     try:
         with tqdm(total=len(todo), desc="eval", dynamic_ncols=True) as bar, autocast:
             for positions, outputs in model.generate_batches(encoded, s.batch_size, max_new_tokens,
-                                                             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id):
+                                                             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                                                             compile=s.compile):
                 records = []
                 for position, new_tokens in zip(positions, outputs):
                     name, index = key = todo[position]

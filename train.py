@@ -29,7 +29,6 @@ import time  # noqa: E402
 from dataclasses import asdict, dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import interlora  # noqa: E402
@@ -214,7 +213,8 @@ def train(s):
 
 def train_loop(s, model, optimizer, params, examples, tokenizer, out, log, step, total_steps, steps_per_epoch):
     """Optimizer steps from `step` to total_steps; checkpoint.pt every save_every steps and at the end."""
-    runner = torch.compile(model) if s.compile else model
+    # dynamic: one graph for every batch (each is as long as its longest item), compiled once for the run
+    runner = torch.compile(model, dynamic=True) if s.compile else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if s.device.startswith("cuda") else contextlib.nullcontext()
     model.train()
     saved = step or None  # the step of the last good checkpoint
@@ -232,10 +232,9 @@ def train_loop(s, model, optimizer, params, examples, tokenizer, out, log, step,
                 tokens += int(mask.sum())  # counted on the CPU tensor: no device sync
                 idx, labels, mask = (t.to(s.device, non_blocking=True) for t in (idx, labels, mask))
                 with autocast:
-                    logits = runner(idx, attention_mask=mask)
-                # next-token loss: position t predicts token t + 1; -100 marks padding (and a masked prompt)
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                       ignore_index=-100)
+                    # next-token loss: position t predicts token t + 1; -100 marks padding (and a masked prompt).
+                    # collate pads on the right, so attention needs no mask: only the gates read it
+                    loss = runner(idx, attention_mask=mask, labels=labels, right_padded=True)
                 (loss / len(batches)).backward()
                 loss_sum += loss.detach() / len(batches)
             loss_value = loss_sum.item()
