@@ -56,6 +56,7 @@ class EvalSettings:
     max_new_tokens: int = field(default=0, metadata={"help": "tokens to generate (default 0: 256 math, 32 commonsense)",
                                                      "min": 0})
     out_dir: str = field(default="", metadata={"help": "output folder (default: eval-<task> beside the adapter)"})
+    compile: bool = field(default=False, metadata={"help": "torch.compile the decode step (CUDA graphs on a GPU)"})
     device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
 
 
@@ -269,7 +270,8 @@ def generate_predictions(model, tokenizer, s, e, group, todo, done):
     try:
         with tqdm(total=len(todo), desc="eval", dynamic_ncols=True, disable=not main_process) as bar, autocast:
             for positions, outputs in model.generate_batches(encoded, s.batch_size, e.max_new_tokens, rank, world_size,
-                                                             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id):
+                                                             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                                                             compile=s.compile):
                 records = []
                 for position, new_tokens in zip(positions, outputs):
                     name, index = key = todo[position]

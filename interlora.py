@@ -13,11 +13,15 @@ Equations (x: layer input (B, T, d_in); W frozen; λ = alpha / r):
     Eq. 6  out = W x + [LoRA(x)_head_i · g_i]_i         the LoRA output split into heads
     Eq. 7  g_ffn = α · relu(u W_ffn W_o)                W_ffn: d_ff -> 1,  W_o: 1 -> d_out,  α learned
     Eq. 8  out = W u + LoRA(u) ⊙ g_ffn
+Each adapted layer adds one matmul to W x: λ, α and the per-sequence head gates scale the rows of
+B (d_out x r), never a (B, T, d_out) activation, and Eq. 7-8's relu gate is an exact rank-2r update.
 
 Padding: the mean of Eq. 5 runs over real tokens only. add_interlora hooks the model's
-`attention_mask` argument (B, S), 1 = real token, which covers the cached tokens too when
-generating with a KV cache (the Hugging Face convention): a layer that sees T tokens uses the
-last T columns, and S > T tells it that T new tokens follow S - T earlier ones.
+`attention_mask` argument (B, S), 1 = real token, and its `start_pos` where it has one (model.py).
+The mask covers the cached tokens too when generating with a KV cache (the Hugging Face
+convention): a layer that sees T tokens uses the columns start_pos .. start_pos + T - 1 (the last
+T without start_pos), and start_pos > 0 (or S > T) tells it that they follow earlier ones, whose
+running sums of Eq. 5 it kept. A tensor start_pos is a compiled decode step: always continuing.
 Depends only on torch; the public names are the ones without a leading underscore.
 """
 import inspect
@@ -87,9 +91,24 @@ VARIANTS = {
 
 
 class _TokenMask:
-    """The attention_mask of the model's current call, shared by all its InterLoRA layers."""
-    mask = None
-    hook = None  # the handle of the forward pre-hook that fills `mask`
+    """The attention_mask and start_pos of the model's current call, shared by all its InterLoRA layers.
+
+    It is the model's forward pre-hook itself (not a closure), so that a deep copy of the model
+    gets its own, shared by the copied layers.
+    """
+    mask = None   # (B, S), 1 = real token, or None: every token is real
+    start = None  # where the call's tokens begin in the KV cache: an int, a 0-dim tensor, or None (not given)
+    arguments = ()  # the names of the model's forward arguments, in order
+    hook = None   # the handle of the hook
+
+    def __call__(self, model, args, kwargs):
+        self.mask, self.start = self._argument("attention_mask", args, kwargs), self._argument("start_pos", args, kwargs)
+
+    def _argument(self, name, args, kwargs):
+        if name in kwargs or name not in self.arguments:
+            return kwargs.get(name)
+        position = self.arguments.index(name)
+        return args[position] if len(args) > position else None
 
 
 ADAPTER_NAMES = {"lora_A", "lora_B", "gate_in", "gate_out", "gate_scale"}
@@ -117,46 +136,96 @@ class InterLoRALinear(nn.Module):
             self.gate_out = nn.Linear(1, gate_width, bias=False, **factory)
         if gate == "relu":
             self.gate_scale = nn.Parameter(torch.tensor(cfg.gate_scale_init, **factory))  # α
-        self.pooled = None  # the head gate's running state while decoding with a KV cache
+        # the head gate's running sums over the real tokens so far (B, 1, heads) and their count (B, 1, 1),
+        # kept while decoding with a KV cache; updated in place, so CUDA graphs see fixed addresses
+        self.register_buffer("gate_sum", None, persistent=False)
+        self.register_buffer("gate_count", None, persistent=False)
 
     def forward(self, x):
         out = self.base(x)
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)  # a bf16 base without autocast: adapters stay fp32
-        lora = self.lora_B(self.lora_A(self.dropout(x))) * self.scaling  # Eq. 4
-        if self.gate == "head":
-            B, T, _ = x.shape
-            g = self._head_gate(x).to(lora.dtype)  # (B, 1 or T, heads)
-            lora = (lora.view(B, T, self.n_heads, -1) * g[..., None]).flatten(2)  # Eq. 6
-        elif self.gate == "relu":
-            lora = lora * (self.gate_scale * F.relu(self.gate_out(self.gate_in(x))))  # Eq. 7-8
-        elif self.gate == "sigmoid":
-            lora = lora * torch.sigmoid(self.gate_out(self.gate_in(x)))  # InterLoRA*: Eq. 7 with sigmoid, no α
-        return out + lora.to(out.dtype)
+        # A (Eq. 4) and the gate's first projection (W_att, Eq. 5; W_ffn, Eq. 7) both read x: one matmul with
+        # both stacked (r + 1 rows). In training with dropout, LoRA reads dropout(x) and the gate x: two matmuls.
+        if self.gate == "none":
+            a, z = self.lora_A(self.dropout(x)), None
+        elif self.training and self.dropout.p > 0:
+            a, z = self.lora_A(self.dropout(x)), self.gate_in(x)
+        else:
+            az = F.linear(x, torch.cat((self.lora_A.weight, self.gate_in.weight)))  # (..., r + 1)
+            a, z = az[..., :-1], az[..., -1:]                                         # (..., r), (..., 1)
+        # every scale (λ, α, the head gates) goes into B, a (d_out, r) matrix, never into a (..., d_out) activation:
+        # the update is then one matmul added to the base output, LoRA(x) = a B^T
+        lora_B = self.lora_B.weight * self.scaling  # λ of Eq. 4: (d_out, r)
 
-    def _head_gate(self, x):
-        """Eq. 5: the per-head sigmoid, averaged over real tokens ("mean") or real tokens so far ("causal")."""
-        T = x.shape[1]
-        mask = self.tokens.mask
-        continuing = mask is not None and mask.shape[1] > T  # T new tokens after cached ones
-        if continuing and self.pooled is None:
+        if self.gate == "head":
+            g = self._head_gate(z)  # Eq. 5: (B, 1, heads) one gate per sequence, or (B, T, heads) per token
+            B, T, _ = out.shape
+            if g.shape[1] == 1:
+                # Eq. 6 with one gate per sequence and head: scale head i's rows of B by g_i, then one batched matmul
+                B_gated = (lora_B.unflatten(0, (self.n_heads, -1)) * g.view(B, self.n_heads, 1, 1)).flatten(1, 2)
+                return torch.baddbmm(out, a.to(out.dtype), B_gated.transpose(1, 2).to(out.dtype))  # (B, T, d_out)
+            # Eq. 6 with a gate per token ("causal" pool): the LoRA output split into heads, head i times g_i
+            lora = F.linear(a, lora_B).view(B, T, self.n_heads, -1)  # (B, T, heads, head_dim)
+            gated = torch.addcmul(out.view(B, T, self.n_heads, -1), lora.to(out.dtype), g[..., None].to(out.dtype))
+            return gated.flatten(2)
+        if self.gate == "relu":
+            # Eq. 7-8: out = W u + LoRA(u) ⊙ α relu(z W_o) with z = u W_ffn, one number per token. For a number z,
+            # relu(z w) = relu(z) relu(w) + relu(-z) relu(-w), so the update is exactly the rank-2r product
+            # [relu(z) a, relu(-z) a] [α B ⊙ relu(W_o), α B ⊙ relu(-W_o)]^T: the (B, T, d_out) gate is never formed
+            w_o = self.gate_out.weight  # (d_out, 1)
+            a = torch.cat((a * F.relu(z), a * F.relu(-z)), dim=-1)                                  # (..., 2r)
+            lora_B = torch.cat((lora_B * F.relu(w_o), lora_B * F.relu(-w_o)), dim=-1) * self.gate_scale  # (d_out, 2r)
+        elif self.gate == "sigmoid":
+            # InterLoRA*: Eq. 7 with sigmoid and no α, which does not factor: the gate is formed, in one fused add
+            g_ffn = torch.sigmoid(self.gate_out(z))  # (..., d_out)
+            return torch.addcmul(out, F.linear(a, lora_B).to(out.dtype), g_ffn.to(out.dtype))
+        return _add_low_rank(out, a, lora_B)  # Eq. 4 (no gate) or Eq. 8
+
+    def _head_gate(self, z):
+        """Eq. 5 from z = x W_att (B, T, 1): the mean of sigmoid(z W_h) over the real tokens ("mean") or over the
+        real tokens so far ("causal"). Returns fp32 (B, 1, heads) for "mean" (and for one token), else (B, T, heads).
+        """
+        real, continuing = self._new_tokens(z.shape[1])
+        if continuing and (self.gate_sum is None or self.gate_sum.shape[0] != z.shape[0]):
             raise AdapterError("decoding with a KV cache needs the prompt first, under torch.no_grad()")
         if continuing and self.gate_pool == "mean":
-            return self.pooled  # fixed at prefill: the mean over the prompt
-        s = torch.sigmoid(self.gate_out(self.gate_in(x))).float()  # (B, T, heads), pooled in fp32
-        real = (mask[:, -T:, None] if mask is not None else torch.ones_like(s[..., :1])).to(s.dtype)  # (B, T, 1)
+            return self.gate_sum / self.gate_count.clamp(min=1)  # fixed at prefill: the mean over the prompt
+        s = torch.sigmoid(self.gate_out(z).float())  # (B, T, heads), pooled in fp32
+        real = torch.ones_like(s[..., :1]) if real is None else real[..., None].to(s.dtype)  # (B, T, 1)
         if self.gate_pool == "mean":
-            g = (s * real).sum(1, keepdim=True) / real.sum(1, keepdim=True).clamp(min=1)  # (B, 1, heads)
-            state = g
+            sums, counts = (s * real).sum(1, keepdim=True), real.sum(1, keepdim=True)  # (B, 1, heads), (B, 1, 1)
         else:
-            total, count = self.pooled if continuing else (0.0, 0.0)
-            total = total + (s * real).cumsum(1)   # (B, T, heads): sum over real tokens <= t
-            count = count + real.cumsum(1)        # (B, T, 1)
-            g = total / count.clamp(min=1)
-            state = (total[:, -1:], count[:, -1:])
+            sums, counts = (s * real).cumsum(1), real.cumsum(1)  # over real tokens <= t: (B, T, heads), (B, T, 1)
+            if continuing:
+                sums, counts = sums + self.gate_sum, counts + self.gate_count
         if not (self.training and torch.is_grad_enabled()):  # keep what decoding needs, never in training
-            self.pooled = state
-        return g
+            self._keep_sums(sums[:, -1:].detach(), counts[:, -1:].detach())
+        return sums / counts.clamp(min=1)
+
+    def _new_tokens(self, T):
+        """(real, continuing) for the T tokens of this call: real (B, T) is their slice of the model's attention_mask
+        (None: all real), continuing says they follow tokens already in the KV cache."""
+        mask, start = self.tokens.mask, self.tokens.start
+        if start is None:  # no start_pos (transformers' convention): the mask ends with the T new tokens
+            start = 0 if mask is None else mask.shape[1] - T
+        if mask is not None:
+            columns = start + torch.arange(T, device=mask.device) if torch.is_tensor(start) else slice(start, start + T)
+            mask = mask[:, columns]
+        return mask, torch.is_tensor(start) or start > 0  # a tensor start_pos is a decode step
+
+    def _keep_sums(self, sums, counts):
+        if self.gate_sum is not None and self.gate_sum.shape == sums.shape and self.gate_sum.dtype == sums.dtype:
+            self.gate_sum.copy_(sums)
+            self.gate_count.copy_(counts)
+        else:
+            self.gate_sum, self.gate_count = sums.clone(), counts.clone()
+
+
+def _add_low_rank(out, a, b):
+    """out + a b^T as one fused matmul-add in out's dtype: out (..., d_out), a (..., k), b (d_out, k)."""
+    flat = torch.addmm(out.reshape(-1, out.shape[-1]), a.reshape(-1, a.shape[-1]).to(out.dtype), b.t().to(out.dtype))
+    return flat.view(out.shape)
 
 
 def is_adapter_parameter(name):
@@ -217,23 +286,10 @@ def add_interlora(model, cfg, targets=None):
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter_parameter(name))
 
-    # Padding reaches the gates through the model's attention_mask argument (keyword or positional);
-    # a Meta-style start_pos without a mask means start_pos cached tokens, none of them padding.
-    params = list(inspect.signature(model.forward).parameters)
-
-    def argument(name, args, kwargs):
-        if name in kwargs or name not in params:
-            return kwargs.get(name)
-        position = params.index(name)
-        return args[position] if len(args) > position else None
-
-    def capture_mask(module, args, kwargs):
-        mask, start_pos = argument("attention_mask", args, kwargs), argument("start_pos", args, kwargs)
-        if mask is None and start_pos:
-            idx = args[0] if args else next(iter(kwargs.values()))  # the tokens: (B, T)
-            mask = torch.ones(idx.shape[0], start_pos + idx.shape[1], dtype=torch.bool, device=idx.device)
-        tokens.mask = mask
-    tokens.hook = model.register_forward_pre_hook(capture_mask, with_kwargs=True)
+    # Padding reaches the gates through the model's attention_mask argument (keyword or positional), and
+    # decoding through start_pos (model.py's; a start_pos without a mask means cached tokens, none of them padding).
+    tokens.arguments = list(inspect.signature(model.forward).parameters)
+    tokens.hook = model.register_forward_pre_hook(tokens, with_kwargs=True)
     return replaced
 
 

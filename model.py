@@ -139,12 +139,11 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start_pos, k, v):
-        """Store k, v (B, n_kv, T, hd) at [start_pos, start_pos + T); return all keys and values so far."""
-        end = start_pos + k.shape[2]
-        self.k[:, :, start_pos:end] = k
-        self.v[:, :, start_pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, positions, k, v):
+        """Store k, v (B, n_kv, T, hd) at the cache positions (T,) in place; return the whole cache."""
+        self.k.index_copy_(2, positions, k)
+        self.v.index_copy_(2, positions, v)
+        return self.k, self.v
 
 
 class Attention(nn.Module):
@@ -157,7 +156,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_head * self.head_dim, config.dim, bias=False)
         self.cache = None  # a KVCache while generating
 
-    def forward(self, x, cos, sin, mask, start_pos):
+    def forward(self, x, cos, sin, mask, cache_positions):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim)      # (B, T, nh, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
@@ -165,13 +164,13 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         if self.cache is not None:
-            k, v = self.cache.update(start_pos, k, v)  # (B, nkv, start_pos + T, hd)
-        if self.n_kv_heads != self.n_head:
-            # grouped-query attention: each kv head serves n_head // n_kv_heads query heads
-            k = k.repeat_interleave(self.n_head // self.n_kv_heads, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_heads, dim=1)
-        # mask None means a plain causal square (training without padding): the fastest kernels
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+            k, v = self.cache.update(cache_positions, k, v)  # (B, nkv, max_len, hd)
+            keys = T if mask is None else mask.shape[-1]      # the mask says how many cached keys count
+            k, v = k[:, :, :keys], v[:, :, :keys]
+        # mask None means plain causal attention (training, prefill without padding): the fastest kernels.
+        # Grouped-query attention (n_kv_heads < n_head) is SDPA's own (enable_gqa): no copies of k and v.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_head)  # (B, nh, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -206,11 +205,11 @@ class Block(nn.Module):
         self.attention = Attention(config)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x, cos, sin, mask, start_pos):
+    def forward(self, x, cos, sin, mask, cache_positions):
         if self.parallel:
             h = self.attention_norm(x)
-            return x + self.attention(h, cos, sin, mask, start_pos) + self.feed_forward(h)
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, start_pos)
+            return x + self.attention(h, cos, sin, mask, cache_positions) + self.feed_forward(h)
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_positions)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -242,44 +241,63 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=1.0)
 
-    def forward(self, idx, attention_mask=None, start_pos=0):
-        """Logits (B, T, vocab) for tokens idx (B, T).
+    def forward(self, idx, attention_mask=None, start_pos=0, labels=None, right_padded=False, last_only=False):
+        """Logits (B, T, vocab) for tokens idx (B, T); given labels, the mean next-token loss instead.
 
-        attention_mask (B, start_pos + T), 1 for real tokens and 0 for padding, covers every
-        token so far (the cached ones too), as in Hugging Face. Positions count real tokens
-        only, so left-padded prompts get the positions they would have alone. start_pos is
-        where idx begins in the KV cache (0 without a cache).
+        attention_mask (B, S), 1 for real tokens and 0 for padding, covers every token so far (the
+        cached ones too), as in Hugging Face: S = start_pos + T, or the whole KV cache (generate's
+        preallocated mask: the columns after the new tokens are not attended to). Positions count
+        real tokens only, so left-padded prompts get the positions they would have alone.
+        start_pos is where idx begins in the KV cache (0 without a cache): an int, or a 0-dim
+        tensor while decoding, so that one compiled graph serves every position.
+
+        right_padded=True says that every pad comes after the real tokens of its row (train.py's
+        batches). Causal attention is then exact for the real tokens and their positions are
+        0..T-1, so no mask is built and attention takes its causal kernel (flash attention on a
+        GPU); attention_mask still reaches the adapters' gates, which read it through their hook.
+
+        labels (B, T): position t is scored on labels[:, t + 1] (-100: not scored, as padding),
+        as a mean over the scored positions, without ever holding all B x T x vocab logits.
+        last_only=True: the logits of the last position only (B, 1, vocab), all that generation reads.
         """
         B, T = idx.shape
-        length = start_pos + T
-        if attention_mask is not None and attention_mask.shape != (B, length):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, length)}")
-        if start_pos and self.layers[0].attention.cache is None:
+        decoding = torch.is_tensor(start_pos)
+        if attention_mask is not None and not decoding and attention_mask.shape != (B, start_pos + T):
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, start_pos + T)}")
+        if (decoding or start_pos) and self.layers[0].attention.cache is None:
             raise ValueError("start_pos > 0 needs a KV cache: call setup_cache first")
+        if decoding and attention_mask is None:
+            raise ValueError("a tensor start_pos needs the attention_mask of the whole KV cache")
+        cache_positions = start_pos + torch.arange(T, device=idx.device)  # (T,) where the new tokens go
 
-        if attention_mask is None:
-            positions = torch.arange(start_pos, length, device=idx.device)[None]  # (1, T)
+        mask = None  # plain causal attention: training, and prompts without padding
+        if attention_mask is None or right_padded:
+            positions = cache_positions[None]  # (1, T)
         else:
-            positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, start_pos:]  # (B, T)
-        cos, sin = rotary_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta)
-
-        mask = None  # plain causal attention, the common training case
-        if attention_mask is not None or start_pos > 0:
-            query_pos = torch.arange(start_pos, length, device=idx.device)[:, None]  # (T, 1)
-            key_pos = torch.arange(length, device=idx.device)[None, :]                 # (1, S)
-            mask = key_pos <= query_pos                                                # (T, S)
+            positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, cache_positions]  # (B, T)
+        if (attention_mask is not None and not right_padded) or decoding or start_pos > 0:
+            keys = attention_mask.shape[1] if attention_mask is not None else start_pos + T
+            key_pos = torch.arange(keys, device=idx.device)[None, :]  # (1, S)
+            mask = key_pos <= cache_positions[:, None]                 # (T, S) causal
             if attention_mask is not None:
                 # padding is never attended to; a pad query attends to itself so no row is empty
-                mask = mask & attention_mask.bool()[:, None, :] | (key_pos == query_pos)  # (B, T, S)
-            mask = mask[:, None] if mask.dim() == 3 else mask[None, None]              # (B|1, 1, T, S)
+                mask = mask & attention_mask.bool()[:, None, :] | (key_pos == cache_positions[:, None])  # (B, T, S)
+            mask = mask[:, None] if mask.dim() == 3 else mask[None, None]  # (B|1, 1, T, S)
+        cos, sin = rotary_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta)
 
         x = self.tok_embeddings(idx)  # (B, T, dim)
         for layer in self.layers:
             if self.grad_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, start_pos, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, cache_positions, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, start_pos)
-        return self.output(self.norm(x))
+                x = layer(x, cos, sin, mask, cache_positions)
+        x = self.norm(x[:, -1:] if last_only else x)
+        if labels is None:
+            return self.output(x)
+        targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T): the token after each position
+        if self.output.weight.requires_grad:  # a trained output layer: the plain loss, with its gradient
+            return F.cross_entropy(self.output(x).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return ChunkedCrossEntropy.apply(x.flatten(0, 1), self.output.weight, self.output.bias, targets.flatten())
 
     # --------------------------------------------------------------------- generation
 
@@ -293,14 +311,31 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache = None
 
+    def decode_step(self, token, cache_mask, position):
+        """Logits (B, vocab) of the token after `token` (B, 1), which goes to cache `position` (0-dim tensor).
+
+        Every shape is fixed for a whole generation (cache_mask (B, max_len) covers the whole
+        cache), so torch.compile makes one graph of it and CUDA graphs can replay it.
+        """
+        return self(token, attention_mask=cache_mask, start_pos=position, last_only=True)[:, -1]
+
+    def compiled_decode_step(self):
+        """decode_step under torch.compile, made once per model (CUDA: mode reduce-overhead, i.e. CUDA graphs)."""
+        if getattr(self, "_compiled_decode_step", None) is None:
+            cuda = self.tok_embeddings.weight.is_cuda
+            self._compiled_decode_step = torch.compile(self.decode_step, fullgraph=True,
+                                                       mode="reduce-overhead" if cuda else None)
+        return self._compiled_decode_step
+
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, eos_id=None, pad_id=0, temperature=0.0, top_k=None,
-                 generator=None):
+                 generator=None, compile=False):
         """New tokens for each prompt (a list of token-id lists of any lengths).
 
         The prompts are left-padded into one batch, run once (prefill), then decoded one token
         per step with the KV cache. A row stops at eos_id (which it keeps, as transformers
         does); the loop ends when every row has stopped. temperature 0 is greedy decoding.
+        compile=True runs the decode steps through compiled_decode_step().
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs a non-empty list of non-empty prompts")
@@ -313,10 +348,15 @@ class Transformer(nn.Module):
         for row, prompt in enumerate(prompts):
             idx[row, prompt_len - len(prompt):] = torch.tensor(prompt, device=device)
             mask[row, prompt_len - len(prompt):] = True
+        # the mask of the whole cache, made once: the prompt's padding is 0 and every new token is real
+        # (the causal mask hides the positions not yet written), so each step has the same shapes
+        cache_mask = F.pad(mask, (0, max_new_tokens), value=True)  # (B, prompt_len + max_new_tokens)
+        decode_step = self.compiled_decode_step() if compile else self.decode_step
 
         self.setup_cache(B, prompt_len + max_new_tokens)
         try:
-            logits = self(idx, attention_mask=mask)[:, -1]  # prefill: (B, vocab)
+            logits = self(idx, attention_mask=mask, last_only=True)[:, -1]  # prefill: (B, vocab)
+            position = torch.tensor(prompt_len, device=device)  # where the next token goes in the cache
             new_tokens, done = [], torch.zeros(B, dtype=torch.bool, device=device)
             for step in range(max_new_tokens):
                 token = self._pick(logits, temperature, top_k, generator)  # (B,)
@@ -327,8 +367,8 @@ class Transformer(nn.Module):
                 # done.all() waits for the device: look only every 8 steps (extra tokens are cut below)
                 if step == max_new_tokens - 1 or (step % 8 == 7 and done.all()):
                     break
-                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                logits = self(token[:, None], attention_mask=mask, start_pos=prompt_len + step)[:, -1]
+                logits = decode_step(token[:, None], cache_mask, position)
+                position += 1  # in place: the same tensor, so a compiled step sees the same input
         finally:
             self.clear_cache()
 
@@ -362,6 +402,43 @@ class Transformer(nn.Module):
             kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x W^T + b (N, vocab) against targets (N,), -100 = not scored.
+
+    The logits are made a chunk of rows at a time and turned at once into the gradient of x:
+    d loss / d x = (softmax - onehot(target)) W = softmax W - W[target], so no more than one
+    chunk of logits ever exists (not N x vocab of them, nor their fp32 copy, nor their gradient)
+    and backward only scales that gradient. The output layer is frozen base weight here: it gets
+    no gradient (Transformer.forward takes the plain loss when it is trained). A fixed number of
+    chunks, not a fixed size, so that a compiled graph serves every N.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, chunks=8):
+        N, dim = x.shape
+        rows = -(-N // chunks)  # per chunk: the last rows are padding, not scored
+        x = F.pad(x, (0, 0, 0, rows * chunks - N)).view(chunks, rows, dim)
+        targets = F.pad(targets, (0, rows * chunks - N), value=-100).view(chunks, rows)
+        total, grads = torch.zeros((), dtype=torch.float32, device=x.device), []
+        for chunk, chunk_targets in zip(x, targets):
+            scored = chunk_targets != -100
+            chunk_targets = chunk_targets.clamp(min=0)
+            log_probs = F.linear(chunk, weight, bias).float().log_softmax(-1)  # (rows, vocab): one chunk of logits
+            total -= (log_probs.gather(1, chunk_targets[:, None])[:, 0] * scored).sum()
+            if ctx.needs_input_grad[0]:
+                probs = log_probs.exp_()  # the softmax, in place
+                grad = probs.to(x.dtype) @ weight - weight[chunk_targets]  # (rows, dim)
+                grads.append(grad * scored[:, None])
+        count = (targets != -100).sum()
+        ctx.save_for_backward(torch.cat(grads)[:N] if grads else None, count)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, count = ctx.saved_tensors
+        return grad_x * (grad_loss / count).to(grad_x.dtype), None, None, None, None
 
 
 # ----------------------------------------------------------------------------- reading files

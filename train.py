@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import distributed  # noqa: E402
@@ -317,7 +316,8 @@ def train_loop(s, group, model, optimizer, examples, pad_id, log, step):
     device = group.device if group else s.device
     main_process = group is None or group.main
     checkpoint_path = os.path.join(s.out_dir, "checkpoint.pt")
-    runner = torch.compile(model) if s.compile else model
+    # dynamic: one graph for every batch (each is as long as its longest item), compiled once for the run
+    runner = torch.compile(model, dynamic=True) if s.compile else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     model.train()
     saved = step or None  # the step of the last good checkpoint
@@ -340,10 +340,9 @@ def train_loop(s, group, model, optimizer, examples, pad_id, log, step):
                 tokens += int(mask.sum())  # counted on the CPU tensor: no device sync
                 idx, labels, mask = (t.to(device, non_blocking=True) for t in (idx, labels, mask))
                 with autocast:
-                    logits = runner(idx, attention_mask=mask)
-                # next-token loss: position t predicts token t + 1; -100 marks padding (and a masked prompt)
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                       ignore_index=-100)
+                    # next-token loss: position t predicts token t + 1; -100 marks padding (and a masked prompt).
+                    # collate pads on the right, so attention needs no mask: only the gates read it
+                    loss = runner(idx, attention_mask=mask, labels=labels, right_padded=True)
                 (loss / len(batches)).backward()
                 loss_sum += loss.detach() / len(batches)
             if group:

@@ -1,8 +1,9 @@
-"""Smoke tests of the benchmarks on CPU with tiny models: every row runs and reports sane numbers.
+"""Smoke tests of bench/speed.py on the CPU with tiny shapes: every row runs and reports sane numbers.
 
-Never timing asserts: these check that the scripts run end to end (the reference stack and
-the evaluation workload included), that their tables and JSON hold the expected rows, and
-that the FLOP count they divide by is the right one.
+Never timing asserts: these check that the harness runs end to end (the reference stack, the
+compiled rows and eval.py's path included), that its tables and JSON hold the expected rows,
+and that the FLOPs and bytes it divides by are the right ones. torch.compile is given its
+"eager" backend here: the compiled code paths run, without minutes of code generation.
 """
 import json
 import math
@@ -12,18 +13,26 @@ import pytest
 import torch
 import torch.nn as nn
 
-from bench import full_size, generate_speed, train_speed
+from bench import full_size, speed
 from conftest import shared_path
 from memory import weight_bytes
 from model import SHAPE_FIELDS, ModelConfig, Transformer, load_model, model_config
 
+TINY = ["--dim", "64", "--n_layer", "2", "--n_head", "4", "--ffn_dim", "128", "--vocab_size", "300",
+        "--micro_batch", "2", "--seq_len", "40", "--batch_sizes", "1,2", "--prompt_len", "4", "--new_tokens", "6",
+        "--rounds", "2", "--device", "cpu"]
+
 
 @pytest.fixture(autouse=True)
-def one_thread():
+def one_thread_quick_compile(monkeypatch):
     # tiny shapes gain nothing from threads, and on a busy machine extra threads make each step stall
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compile(
+        fn, backend="eager", fullgraph=options.get("fullgraph", False), dynamic=options.get("dynamic")))
     yield
+    torch.compiler.reset()
     torch.set_num_threads(threads)
 
 
@@ -31,131 +40,69 @@ def positive(value):
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
-# ----------------------------------------------------------------------------- train_speed
-
-def test_matmul_params_count_the_linear_layers():
+def test_matmul_weights_are_the_linear_layers():
     for name in ("tiny", "tiny-gptj"):
         model = Transformer(ModelConfig.from_name(name))
-        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
-        assert train_speed.matmul_params(model.config) == linear
+        assert speed.matmul_weights(model.config) == sum(
+            m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
     # LLaMA-7B has 6,738,415,616 parameters: the linear layers plus the embedding and 65 RMSNorm weights
     config = ModelConfig.from_name("llama-7b")
     embedding, norms = config.vocab_size * config.dim, (2 * config.n_layer + 1) * config.dim
-    assert train_speed.matmul_params(config) + embedding + norms == 6_738_415_616
+    assert speed.matmul_weights(config) + embedding + norms == 6_738_415_616
 
 
-def test_train_speed_runs_ours_and_the_reference(tmp_path, capsys):
-    out = tmp_path / "train.json"
-    result = train_speed.main(["--model", "tiny,tiny-gptj", "--batch_sizes", "2", "--seq_len", "32",
-                               "--steps", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)])
-    rows = result["rows"]
-    expected = {(model, implementation, method) for model in ("tiny", "tiny-gptj")
-                for implementation in ("ours", "hf+peft") for method in ("interlora", "lora")}
-    assert {(r["model"], r["implementation"], r["method"]) for r in rows} == expected
-    for r in rows:
-        assert r["status"] == "ok", r
-        assert r["batch"] == 2 and r["mode"] == "eager"
-        for key in ("tokens_per_s", "step_ms", "flops_per_step", "mfu_measured", "vs_hf_peft"):
+def test_every_row_runs_and_reports_sane_numbers(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    result = speed.main(TINY + ["--json", str(out)])
+    train = [r for r in result["rows"] if r["work"] == "train"]
+    generate = [r for r in result["rows"] if r["work"] == "generate"]
+    stacks = [("ours", "eager"), ("ours", "compiled"), ("hf+peft", "eager")]
+    assert [(r["method"], r["stack"], r["mode"]) for r in train] == [(m, *s) for m in ("interlora", "lora") for s in stacks]
+    assert [(r["batch"], r["stack"], r["mode"]) for r in generate] == [(b, *s) for b in (1, 2) for s in stacks]
+    for r in train:
+        assert len(r["times"]) == 2
+        for key in ("tokens_per_s", "step_ms", "flops", "of_matmul", "vs_hf_peft"):
             assert positive(r[key]), (key, r)
-        assert r["mfu_datasheet"] is None and r["peak_memory_gb"] is None  # no such numbers on CPU
-        assert r["tokens_per_s"] == pytest.approx(2 * 32 / (r["step_ms"] / 1e3))
-        if r["implementation"] == "hf+peft":
-            assert r["vs_hf_peft"] == 1.0
-    # InterLoRA r=4 on q, v, down + gates has more adapter weights than LoRA r=4 on the same modules
-    adapters = {(r["model"], r["implementation"], r["method"]): r["adapter_params"] for r in rows}
-    assert adapters[("tiny", "ours", "interlora")] > adapters[("tiny", "hf+peft", "interlora")]
-    assert adapters[("tiny", "ours", "lora")] == adapters[("tiny", "hf+peft", "lora")]  # same LoRA, same size
-    attention = {(r["model"], r["implementation"]): r["attention"] for r in rows}
-    assert attention[("tiny-gptj", "hf+peft")] == "eager"  # transformers has no sdpa for GPT-J
-    table = capsys.readouterr().out
-    assert table.count("| tiny ") == 4 and table.count("| tiny-gptj ") == 4
-    saved = json.loads(out.read_text())
-    assert saved["settings"]["seq_len"] == 32 and len(saved["rows"]) == 8
-    assert positive(saved["environment"]["matmul_tflops_measured"])
-
-
-def test_train_speed_reports_a_failed_compile_in_its_row(monkeypatch):
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("no compiler here")
-    monkeypatch.setattr(torch, "compile", no_compiler)
-    # also the other options: gradient checkpointing in both stacks, no attention mask
-    rows = train_speed.main(["--model", "tiny", "--batch_sizes", "2", "--seq_len", "16", "--steps", "1",
-                             "--warmup", "1", "--device", "cpu", "--compile", "--grad_checkpointing",
-                             "--attention_mask", "none"])["rows"]
-    assert [(r["implementation"], r["mode"]) for r in rows] == [("ours", "eager"), ("ours", "compiled"),
-                                                               ("hf+peft", "eager")] * 2
-    for r in rows:
-        if r["mode"] == "eager":
-            assert r["status"] == "ok" and positive(r["tokens_per_s"]) and positive(r["vs_hf_peft"])
-        else:
-            assert r["status"].startswith("failed") and "no compiler here" in r["status"]
-
-
-# ----------------------------------------------------------------------------- generate_speed
-
-def test_generate_speed_runs_ours_and_the_reference(tmp_path, capsys):
-    out = tmp_path / "generate.json"
-    result = generate_speed.main(["--model", "tiny", "--batch_sizes", "1,2", "--prompt_len", "8",
-                                  "--new_tokens", "16", "--repeats", "3", "--device", "cpu", "--json", str(out)])
-    rows = result["speed"]
-    assert [(r["implementation"], r["batch"]) for r in rows] == [("ours", 1), ("ours", 2), ("hf+peft", 1),
-                                                                ("hf+peft", 2)]
-    for r in rows:
-        assert r["status"] == "ok", r
-        for key in ("prefill_ms", "decode_tokens_per_s", "ms_per_step", "floor_ms_per_step", "of_roofline",
-                    "vs_hf_peft"):
+        assert r["tokens_per_s"] == pytest.approx(2 * 40 / (r["step_ms"] / 1e3))
+    for r in generate:
+        for key in ("tokens_per_s", "ms_per_step", "floor_ms_per_step", "of_floor", "prefill_ms", "vs_hf_peft"):
             assert positive(r[key]), (key, r)
-        assert r["decode_tokens_per_s"] == pytest.approx(r["batch"] * 16 / r["decode_s"])
-    # the floor grows with the batch: each row has its own KV cache to read
-    floors = {(r["implementation"], r["batch"]): r["floor_ms_per_step"] for r in rows}
-    assert floors[("ours", 1)] < floors[("ours", 2)]
-    assert result["eval_workload"] == []
-    assert capsys.readouterr().out.count("| tiny ") == 4
+        assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["ms_per_step"])
+    assert all(r["vs_hf_peft"] == 1.0 for r in result["rows"] if r["stack"] == "hf+peft")
+    # InterLoRA's gates add weights to LoRA r=4 on the same modules; LoRA r=10 is PEFT's size exactly
+    adapters = {(r["method"], r["stack"]): r["adapter_params"] for r in train}
+    assert adapters["interlora", "ours"] > adapters["interlora", "hf+peft"]
+    assert adapters["lora", "ours"] == adapters["lora", "hf+peft"]
+    # each batch has its own KV cache to read: the floor grows with it
+    floors = {r["batch"]: r["floor_ms_per_step"] for r in generate}
+    assert floors[1] < floors[2]
+    printed = capsys.readouterr().out
+    assert printed.count("| ours compiled |") == 4 and printed.count("| hf+peft eager |") == 4
     saved = json.loads(out.read_text())
-    assert len(saved["speed"]) == 4 and positive(saved["environment"]["copy_bandwidth_bytes_per_s"])
+    assert len(saved["rows"]) == 12 and positive(saved["matmul_flops_per_s"]) and positive(saved["memory_bytes_per_s"])
 
 
-def test_generate_speed_reports_a_failed_compile_in_its_row(monkeypatch):
-    def no_compiler(self, *args, **kwargs):
-        raise RuntimeError("no compiler here")
-    monkeypatch.setattr(torch.nn.Module, "compile", no_compiler)
-    monkeypatch.setattr(torch._logging, "set_logs", lambda **kwargs: None)  # leave the process's logging alone
-    rows = generate_speed.main(["--model", "tiny", "--batch_sizes", "1", "--prompt_len", "4", "--new_tokens", "4",
-                                "--repeats", "1", "--device", "cpu", "--compile", "--skip_reference"])["speed"]
-    assert [r["mode"] for r in rows] == ["eager", "compiled"]
-    assert rows[0]["status"] == "ok"
-    assert rows[1]["status"].startswith("failed") and "no compiler here" in rows[1]["status"]
+def test_decode_floor_counts_the_weights_and_the_cache():
+    s = speed.settings_from_command_line(speed.Settings, "", ["--prompt_len", "10", "--new_tokens", "5"])
+    config = ModelConfig.from_name("tiny")
+    model = speed.build_ours(config, "interlora", "cpu", torch.float32)
+    weights = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("tok_embeddings"))
+    cache = 2 * config.n_layer * 3 * config.n_kv_heads * config.head_dim * (10 + 3)  # batch 3, mean context 13
+    assert speed.decode_floor_bytes(model, config, 3, s) == 4 * (weights + cache)
 
 
-def test_eval_workload_prompts_are_the_math_test_split():
+def test_eval_work_runs_through_generate_batches():
     data_dir = shared_path("llm-adapters")
-    settings = generate_speed.parse_settings(["--model", "tiny", "--data_dir", str(data_dir), "--device", "cpu"])
-    prompts, _ = generate_speed.workload_prompts(settings, "tiny")
-    assert len(prompts) == 806  # the paper's math test split: 20% of each of the six sets
-    # llama-7b through the sentencepiece tokenizer (LLaMA's vocabulary layout), as the GPU run uses it
-    settings.tokenizer = str(shared_path("spm-tokenizer"))
-    settings.new_tokens = 256
-    prompts, tokenizer = generate_speed.workload_prompts(settings, "llama-7b")
-    assert len(prompts) == 806 and all(p[0] == tokenizer.bos_id for p in prompts)
-    assert max(map(len, prompts)) + 256 <= ModelConfig.from_name("llama-7b").max_seq_len
+    result = speed.main(TINY + ["--work", "eval", "--data_dir", str(data_dir), "--limit", "2", "--eval_new_tokens",
+                                "4", "--eval_batch_size", "5"])
+    (row,) = result["rows"]
+    assert row["prompts"] == 12 and row["mode"] == "compiled"  # two of each of the six math test sets
+    assert 0 < row["new_tokens"] <= 12 * 4 and positive(row["wall_s"])
 
 
-def test_eval_workload_without_a_tokenizer_stops_before_building():
-    settings = generate_speed.parse_settings(["--model", "llama-7b", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="needs --tokenizer"):
-        generate_speed.workload_prompts(settings, "llama-7b")
-
-
-def test_eval_workload_runs_through_generate_batches(tmp_path):
-    data_dir = shared_path("llm-adapters")
-    result = generate_speed.main(["--model", "tiny", "--skip_speed", "--eval_workload", "--data_dir", str(data_dir),
-                                  "--limit", "2", "--new_tokens", "4", "--eval_batch_size", "5", "--device", "cpu"])
-    assert result["speed"] == []
-    (row,) = result["eval_workload"]
-    assert row["prompts"] == 12  # two of each of the six math test sets
-    assert 0 < row["new_tokens"] <= 12 * 4 and row["stopped_at_eos"] <= 12
-    assert positive(row["wall_s"]) and positive(row["new_tokens_per_s"])
-    assert "| tiny | ours eager | 12 | 5 | 4 |" in result["tables"]["eval"]
+def test_bad_work_is_a_clear_error():
+    with pytest.raises(speed.RunError, match="--work"):
+        speed.main(["--work", "fly"])
 
 
 # ----------------------------------------------------------------------------- full_size

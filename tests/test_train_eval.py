@@ -4,6 +4,7 @@ The synthetic task is in LLM-Adapters' format: eight questions, each with its ow
 What counts as correct is decided by data.is_correct (checked against LLM-Adapters' rules in
 test_data.py), and the untrained base model is the baseline the trained adapter must beat.
 """
+import functools
 import json
 
 import pytest
@@ -83,13 +84,14 @@ def test_resumed_training_ends_with_the_same_adapter(data_dir, tmp_path, monkeyp
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_save(data_dir, tmp_path, monkeypatch, capsys):
-    cross_entropy, calls = train_script.F.cross_entropy, []
+    forward, calls = Transformer.forward, []
 
-    def poisoned(*args, **kwargs):  # the loss of the fifth micro-batch (step 3) is NaN
+    @functools.wraps(forward)  # the same signature: the adapters' hook finds attention_mask by it
+    def poisoned(self, *args, **kwargs):  # the loss of the fifth micro-batch (step 3) is NaN
         calls.append(1)
-        loss = cross_entropy(*args, **kwargs)
+        loss = forward(self, *args, **kwargs)
         return loss * float("nan") if len(calls) == 5 else loss
-    monkeypatch.setattr(train_script.F, "cross_entropy", poisoned)
+    monkeypatch.setattr(Transformer, "forward", poisoned)
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as stop:
         train_script.main(["--model", "tiny", "--task", "math", "--micro_batch_size", "4", "--grad_accum", "2",
