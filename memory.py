@@ -6,12 +6,13 @@ b = batch, s = sequence length, h = model width, size = bytes per value of the c
 
     weights      every tensor at its real size: the compute dtype, or quantized codes + fp32 scales
     training     trainable params x 16 bytes (fp32 param, grad and two AdamW moments)
-               + activations: per block s·b·h·k bytes, k from ACTIVATION_BYTES, + b·s²·size for the
-                 attention mask (each block's attention turns the bool mask into an additive one)
+               + activations: per block s·b·h·k bytes, k from ACTIVATION_BYTES (training attends
+                 without a mask: nothing of size s²)
                  (--grad_checkpointing: each block's input, n_layer·s·b·h·size, + one block's worth)
-               + logits: (b, s, vocab) and its gradient in the compute dtype, and three fp32 tensors
-                 of the loss (the upcast logits, their log-softmax, its gradient)
-    evaluation   KV cache 2·n_layer·b·s·n_kv_heads·head_dim values + the logits of the prompt
+               + loss: model.py's chunked cross-entropy holds one of its 8 chunks of logits at a
+                 time (in the compute dtype, their fp32 log-softmax and softmax) and the input
+                 gradient it computes on the way, (b, s, h)
+    evaluation   KV cache 2·n_layer·b·s·n_kv_heads·head_dim values + the logits of one position
     quantized    + one weight dequantized at a time in the compute dtype (the largest)
     margin       1 GiB: the CUDA context or Python + torch themselves, the read buffer while loading
 
@@ -28,12 +29,12 @@ MARGIN = GiB
 
 # Bytes that training stores per block, per token and per unit of model width (k above),
 # measured with torch.autograd.graph.saved_tensors_hooks on this code with the paper's InterLoRA
-# (r=4 on q, v, down): LLaMA 127 / 107 / 68, GPT-J 115 / 103 / 58, rounded up
+# (r=4 on q, v, down), loss included: LLaMA 110 / 89 / 60, GPT-J 97 / 84 / 49, rounded up
 # (tests/test_memory.py measures them again). Korthikanti et al. (2022, Table 2) count 34 for a
 # plain 16-bit Megatron layer; ours keep more because each adapter works on an fp32 copy of its
 # input unless autocast runs, and RMSNorm and rotary compute in fp32. Plain LoRA on q, v stores
 # about half as much, LoRA on all three FFN matrices (ffn-all) about 1.8 times as much.
-ACTIVATION_BYTES = {"fp32": 130, "16-bit": 110, "16-bit autocast": 70}
+ACTIVATION_BYTES = {"fp32": 112, "16-bit": 90, "16-bit autocast": 62}
 
 
 class NotEnoughMemory(ValueError):
@@ -102,14 +103,14 @@ def memory_needed(config, dtype, quantize=None, training=False, batch_size=1, se
         parts["dequantized weight"] = max(i * o for i, o in _block_linears(config)) * size
     if training:
         mode = "fp32" if size == 4 else "16-bit autocast" if autocast else "16-bit"
-        per_block = s * b * h * ACTIVATION_BYTES[mode] + b * s * s * size
+        per_block = s * b * h * ACTIVATION_BYTES[mode]
         stored = config.n_layer * s * b * h * size + per_block if grad_checkpointing else config.n_layer * per_block
         parts["adapters + AdamW"] = trainable_params * 16
         parts["activations"] = stored
-        parts["logits"] = b * s * config.vocab_size * (2 * size + 12)
+        parts["loss"] = -(-b * s // 8) * config.vocab_size * (2 * size + 8) + b * s * h * size
     else:
         parts["KV cache"] = 2 * config.n_layer * b * s * config.n_kv_heads * config.head_dim * size
-        parts["logits"] = b * s * config.vocab_size * size
+        parts["logits"] = b * config.vocab_size * size  # prefill: the last position's only
     parts["margin"] = MARGIN
     return parts
 
