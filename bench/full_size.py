@@ -3,6 +3,7 @@
     python bench/full_size.py --folder /tmp/llama/7B                # write 13.5 GB, measure, delete
     python bench/full_size.py --folder /tmp/llama/7B --steps load   # loading only, through the Python API
     python bench/full_size.py --folder /tmp/llama/7B --keep         # keep the folder for another run
+    python bench/full_size.py --folder /tmp/llama/7B --settings fp32,bf16,bf16+int8   # without nf4
 
 It writes a random LLaMA-7B in the layout of Meta's download (13.5 GB of disk, and 13.5 GB of
 memory while writing; both are checked first):
@@ -56,6 +57,8 @@ def parse_args(argv=None):
     parser.add_argument("--data_dir", default="data", help="LLM-Adapters data for eval.py and train.py")
     parser.add_argument("--out", default="out/bench/full_size", help="logs and train.py's output folders")
     parser.add_argument("--steps", default="load,eval,train", help="which of load, eval, train to run")
+    parser.add_argument("--settings", default="fp32,bf16,bf16+int8,bf16+nf4",
+                        help="which of fp32, bf16, bf16+int8, bf16+nf4 to run (nf4 loads slowly on a CPU)")
     parser.add_argument("--keep", action="store_true", help="keep the folder afterwards (default: delete it)")
     parser.add_argument("--seed", type=int, default=0)
     # internal: the child processes that write the model and measure one load
@@ -175,6 +178,11 @@ def main(argv=None):
     unknown = set(steps) - {"load", "eval", "train"}
     if unknown:
         sys.exit(f"error: unknown --steps {', '.join(sorted(unknown))}: choose among load, eval, train")
+    names = {dtype + (f"+{quantize}" if quantize else ""): (dtype, quantize) for dtype, quantize in SETTINGS}
+    unknown = [name for name in args.settings.split(",") if name not in names]
+    if unknown:
+        sys.exit(f"error: unknown --settings {', '.join(unknown)}: choose among {', '.join(names)}")
+    settings = [names[name] for name in args.settings.split(",")]
     if not Path(args.tokenizer).is_file():
         sys.exit(f"error: tokenizer {args.tokenizer} not found: pass --tokenizer path/to/tokenizer.model")
     out = Path(args.out)
@@ -194,7 +202,7 @@ def main(argv=None):
 
     rows = []
     try:
-        for dtype, quantize in SETTINGS:
+        for dtype, quantize in settings:
             row = {"setting": dtype + (f" + {quantize}" if quantize else "")}
             for step in steps:
                 log = out / f"{dtype}-{quantize or 'none'}-{step}.log"

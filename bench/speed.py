@@ -15,7 +15,10 @@ builds its own copy; no checkpoint is needed. Rows:
                 LoRA r=10 on q, v                            against PEFT LoRA r=10 on q, v
     generate  greedy decoding of --new_tokens after --prompt_len random tokens, never stopping early,
               at each of --batch_sizes: InterLoRA r=4 against transformers' generate with PEFT LoRA r=4
-              on q, v, down; decode tokens/s = batch * new_tokens / (time(1 + new_tokens) - time(1))
+              on q, v, down; decode tokens/s = batch * new_tokens / (time(1 + new_tokens) - time(1)).
+              A last row, "matmuls alone", runs only the frozen weights' matmuls of those decode steps
+              (every nn.Linear of the base on a (batch, width) input, one after another, no model
+              around them): what no stack can avoid with this device's matmul kernels.
 
 for ours eager, ours compiled (train: torch.compile of the model; generate: the compiled decode
 step) and hf+peft (transformers' LlamaForCausalLM, sdpa attention; eager for GPT-J, which has
@@ -302,6 +305,17 @@ def generate_rows(s, config, dtype, batch):
     if not s.skip_reference:
         models["hf+peft"] = build_reference(config, "interlora", s.device, dtype, trained_like=True).eval()
         runs.append(("hf+peft", "eager", reference_run))
+    # what no stack can avoid: the frozen weights' matmuls of new_tokens decode steps, run bare one after another
+    weights = [module.weight for name, module in models["ours"].named_modules()
+               if isinstance(module, torch.nn.Linear) and not interlora.is_adapter_parameter(name + ".weight")]
+    x = torch.randn(batch, max(w.shape[1] for w in weights), device=s.device, dtype=dtype)
+
+    def matmuls_alone(n):
+        with torch.no_grad():
+            for _ in range(n - 1):
+                for w in weights:
+                    torch.nn.functional.linear(x[:, :w.shape[1]], w)
+    runs.append(("matmuls", "alone", matmuls_alone))
     rows = []
     for stack, mode, generate in runs:
         def measure(generate=generate):  # a prefill alone, then the whole generation, each timed
@@ -334,6 +348,8 @@ def finish_generate_rows(rows, s, floor_bytes, bandwidth):
     for r in rows:
         reference = [x["tokens_per_s"] for x in rows if x["stack"] == "hf+peft" and x["batch"] == r["batch"]]
         r["vs_hf_peft"] = r["tokens_per_s"] / reference[0] if reference else None
+        alone = [x["ms_per_step"] for x in rows if x["stack"] == "matmuls" and x["batch"] == r["batch"]]
+        r["of_matmuls"] = alone[0] / r["ms_per_step"]
 
 
 # ----------------------------------------------------------------------------- the evaluation workload
@@ -383,17 +399,28 @@ def train_table(rows, cuda):
 
 
 def generate_table(rows):
-    header = ["batch", "stack", "decode tokens/s", "vs hf+peft", "ms/step", "floor ms/step", "of floor", "prefill ms",
-              "warm-up s"]
+    header = ["batch", "stack", "decode tokens/s", "vs hf+peft", "ms/step", "floor ms/step", "of floor",
+              "of matmuls alone", "prefill ms", "warm-up s"]
     return markdown(header, [[str(r["batch"]), f"{r['stack']} {r['mode']}", f"{r['tokens_per_s']:,.1f}",
                               ratio(r["vs_hf_peft"]), f"{r['ms_per_step']:.2f}", f"{r['floor_ms_per_step']:.2f}",
-                              f"{r['of_floor']:.0%}", f"{r['prefill_ms']:.0f}", f"{r['warmup_s']:.1f}"] for r in rows])
+                              f"{r['of_floor']:.0%}", f"{r['of_matmuls']:.0%}", f"{r['prefill_ms']:.0f}",
+                              f"{r['warmup_s']:.1f}"] for r in rows])
+
+
+def cpu_name():
+    """The CPU's model name (Linux), with its core count."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return f"CPU {name or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def environment(s, config, dtype):
-    import platform
-    found = {"device": torch.cuda.get_device_name() if s.device.startswith("cuda") else
-             f"CPU {platform.processor() or platform.machine()}", "threads": torch.get_num_threads(),
+    found = {"device": torch.cuda.get_device_name() if s.device.startswith("cuda") else cpu_name(),
+             "threads": torch.get_num_threads(),
              "MKL_CBWR": os.environ.get("MKL_CBWR"), "torch": torch.__version__, "dtype": str(dtype)}
     for package in ("transformers", "peft"):
         try:

@@ -58,15 +58,17 @@ def test_every_row_runs_and_reports_sane_numbers(tmp_path, capsys):
     generate = [r for r in result["rows"] if r["work"] == "generate"]
     stacks = [("ours", "eager"), ("ours", "compiled"), ("hf+peft", "eager")]
     assert [(r["method"], r["stack"], r["mode"]) for r in train] == [(m, *s) for m in ("interlora", "lora") for s in stacks]
-    assert [(r["batch"], r["stack"], r["mode"]) for r in generate] == [(b, *s) for b in (1, 2) for s in stacks]
+    assert [(r["batch"], r["stack"], r["mode"]) for r in generate] == [(b, *s) for b in (1, 2)
+                                                                       for s in stacks + [("matmuls", "alone")]]
     for r in train:
         assert len(r["times"]) == 2
         for key in ("tokens_per_s", "step_ms", "flops", "of_matmul", "vs_hf_peft"):
             assert positive(r[key]), (key, r)
         assert r["tokens_per_s"] == pytest.approx(2 * 40 / (r["step_ms"] / 1e3))
     for r in generate:
-        for key in ("tokens_per_s", "ms_per_step", "floor_ms_per_step", "of_floor", "prefill_ms", "vs_hf_peft"):
+        for key in ("tokens_per_s", "ms_per_step", "floor_ms_per_step", "of_floor", "of_matmuls", "vs_hf_peft"):
             assert positive(r[key]), (key, r)
+        assert positive(r["prefill_ms"]) or r["stack"] == "matmuls"  # the bare matmuls have no prefill
         assert r["tokens_per_s"] == pytest.approx(r["batch"] * 1e3 / r["ms_per_step"])
     assert all(r["vs_hf_peft"] == 1.0 for r in result["rows"] if r["stack"] == "hf+peft")
     # InterLoRA's gates add weights to LoRA r=4 on the same modules; LoRA r=10 is PEFT's size exactly
@@ -79,7 +81,7 @@ def test_every_row_runs_and_reports_sane_numbers(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.count("| ours compiled |") == 4 and printed.count("| hf+peft eager |") == 4
     saved = json.loads(out.read_text())
-    assert len(saved["rows"]) == 12 and positive(saved["matmul_flops_per_s"]) and positive(saved["memory_bytes_per_s"])
+    assert len(saved["rows"]) == 14 and positive(saved["matmul_flops_per_s"]) and positive(saved["memory_bytes_per_s"])
 
 
 def test_decode_floor_counts_the_weights_and_the_cache():
