@@ -17,7 +17,7 @@ fresh process each:
 
     load    memory.check_memory, then model.load_model(folder, dtype, quantize)   (the Python API)
     eval    python eval.py --base --model llama-7b --task math --checkpoint_dir DIR --datasets SVAMP
-              --limit 2 --max_new_tokens 4 --dtype X [--quantize K]
+              --limit 2 --max_new_tokens 4 --dtype X [--quantize K] --out_dir OUT
     train   python train.py --model llama-7b --task math --checkpoint_dir DIR --max_steps 1
               --micro_batch_size 1 --grad_accum 1 --cutoff_len 32 --dtype X [--quantize K] --out_dir OUT
 
@@ -152,7 +152,7 @@ def commands(args, step, dtype, quantize, out):
     common = ["--model", "llama-7b", "--task", "math", "--checkpoint_dir", args.folder, "--data_dir", args.data_dir]
     if step == "eval":
         return [sys.executable, "eval.py", "--base", *common, "--datasets", "SVAMP", "--limit", "2",
-                "--max_new_tokens", "4", *flags]
+                "--max_new_tokens", "4", *flags, "--out_dir", str(out / f"eval-{dtype}-{quantize or 'none'}")]
     return [sys.executable, "train.py", *common, "--max_steps", "1", "--micro_batch_size", "1", "--grad_accum", "1",
             "--cutoff_len", "32", *flags, "--out_dir", str(out / f"train-{dtype}-{quantize or 'none'}")]
 
@@ -206,6 +206,7 @@ def main(argv=None):
             row = {"setting": dtype + (f" + {quantize}" if quantize else "")}
             for step in steps:
                 log = out / f"{dtype}-{quantize or 'none'}-{step}.log"
+                shutil.rmtree(out / f"{step}-{dtype}-{quantize or 'none'}", ignore_errors=True)  # an earlier run's
                 result = run(commands(args, step, dtype, quantize, out), log)
                 row[step] = result | {"what": describe(step, result)}
                 print(f"{row['setting']:12s} {step:5s} {result['seconds']:6.0f} s  peak RSS "
