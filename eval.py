@@ -26,12 +26,11 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import adapters  # noqa: E402
 import distributed  # noqa: E402
-import interlora  # noqa: E402
 import memory  # noqa: E402
 import runs  # noqa: E402
 from data import DataError, extract_answer, generate_prompt, is_correct, load_task, tokenizer_for  # noqa: E402
-from interlora import AdapterError  # noqa: E402
 from memory import NotEnoughMemory  # noqa: E402
 from model import CheckpointError, load_model, model_config  # noqa: E402
 from quantize import QUANTIZE_KINDS  # noqa: E402
@@ -139,7 +138,7 @@ class Evaluation:
 def plan(s):
     """(Evaluation, tokenizer): the settings resolved against the adapter file, the data and the memory
     the run needs; everything is checked but the weights."""
-    info = interlora.read_adapter(s.adapter)["info"] if s.adapter else {}
+    info = adapters.read_adapter(s.adapter)["info"] if s.adapter else {}
     model_name, task_name = s.model or info.get("model"), s.task or info.get("task")
     if not model_name or not task_name:
         raise RunError(f"{s.adapter} names no model or task: pass --model and --task")
@@ -193,9 +192,9 @@ def evaluate_on(s, e, tokenizer, group):
                        quantize=s.quantize or None)
     params = 0
     if not s.base:
-        cfg, _ = interlora.load_adapter(model, s.adapter)
-        params = sum(p.numel() for name, p in model.named_parameters() if interlora.is_adapter_parameter(name))
-        print(f"adapter: {json.dumps(asdict(cfg))}")
+        cfg, _ = adapters.load_adapter(model, s.adapter)
+        params = sum(p.numel() for name, p in model.named_parameters() if adapters.is_adapter_parameter(name))
+        print(f"adapter: {json.dumps(adapters.describe(cfg))}")
     model.eval()
 
     # rank 0 owns the folder and decides what is left to do; every process generates its share of it
@@ -302,7 +301,7 @@ def generate_predictions(model, tokenizer, s, e, group, todo, done):
 
 def main(argv=None):
     return runs.run_command(lambda argv: evaluate(parse_settings(argv)), argv,
-                            errors=(CheckpointError, DataError, AdapterError, NotEnoughMemory))
+                            errors=(CheckpointError, DataError, *adapters.ERRORS, NotEnoughMemory))
 
 
 if __name__ == "__main__":

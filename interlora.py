@@ -324,7 +324,7 @@ def save_adapter(path, model, cfg, info=None):
         json.dumps(info)
     except TypeError as e:
         raise AdapterError(f"adapter info must be plain JSON-like data: {e}") from None
-    payload = {"format": "interlora-adapter", "version": 1, "config": asdict(cfg), "info": info,
+    payload = {"format": "interlora-adapter", "version": 2, "method": cfg.method, "config": asdict(cfg), "info": info,
                "base": _base_description(model),
                "tensors": {k: v.cpu() for k, v in adapter_state_dict(model).items()}}
     # a temporary file beside the target, renamed over it: readers see the old file or the new one
@@ -370,6 +370,10 @@ def load_adapter(model, path, targets=None):
     On any mismatch the model is left as it was and AdapterError says what differs.
     """
     payload = read_adapter(path)
+    method = payload.get("method", payload["config"].get("method"))  # version 1 files: in the config only
+    if method not in ("interlora", "lora"):
+        raise AdapterError(f"{path} holds a {method!r} adapter, not InterLoRA or LoRA: load it with the module that "
+                           "built it (in this project adapters.load_adapter loads every method)")
     cfg = InterLoRAConfig(**payload["config"])
     add_interlora(model, cfg, targets)
     try:
@@ -398,6 +402,8 @@ def load_adapter(model, path, targets=None):
 def merge(model):
     """Fold plain LoRA into the base weights (W += λ·B·A) and drop the adapter layers."""
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, InterLoRALinear)]
+    if not layers:
+        raise AdapterError(f"nothing to merge: {type(model).__name__} has no InterLoRA layers")
     gated = [name for name, m in layers if m.gate != "none"]
     if gated:
         raise AdapterError(f"cannot merge {gated[0]}: its gate depends on the input (Eq. 5/7), so the update is "

@@ -19,6 +19,10 @@ plain file reads, converted to the chosen dtype (or quantized by quantize.py) on
 its source dropped. Configs come from the checkpoint's own params.json / config.json; what
 this code cannot run exactly (rope scaling, biases LLaMA has not, ...) is refused by name.
 
+A model can be given `past_key_values`: per layer the keys and values of P positions before its
+tokens, as a KV cache holds them (used as stored, never rotated, always attended; the tokens'
+positions then start at P), which is also how a learned prefix reaches attention from outside.
+
 This file never imports interlora.py: adapters are added to a loaded model from outside.
 """
 import json
@@ -156,17 +160,21 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_head * self.head_dim, config.dim, bias=False)
         self.cache = None  # a KVCache while generating
 
-    def forward(self, x, cos, sin, mask, cache_positions):
+    def forward(self, x, cos, sin, mask, cache_positions, past=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_head, self.head_dim)      # (B, T, nh, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, nkv, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
+        P = 0 if past is None else past[0].shape[2]
         if self.cache is not None:
             k, v = self.cache.update(cache_positions, k, v)  # (B, nkv, max_len, hd)
-            keys = T if mask is None else mask.shape[-1]      # the mask says how many cached keys count
+            keys = T if mask is None else mask.shape[-1] - P  # the mask says how many cached keys count
             k, v = k[:, :, :keys], v[:, :, :keys]
+        if P:  # keys and values of P earlier positions, as stored: (B or 1, nkv, P, hd) each
+            past_k, past_v = (t.to(k.dtype).expand(B, -1, -1, -1) for t in past)
+            k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)  # (B, nkv, P + keys, hd)
         # mask None means plain causal attention (training, prefill without padding): the fastest kernels.
         # Grouped-query attention (n_kv_heads < n_head) is SDPA's own (enable_gqa): no copies of k and v.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
@@ -205,11 +213,11 @@ class Block(nn.Module):
         self.attention = Attention(config)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x, cos, sin, mask, cache_positions):
+    def forward(self, x, cos, sin, mask, cache_positions, past=None):
         if self.parallel:
             h = self.attention_norm(x)
-            return x + self.attention(h, cos, sin, mask, cache_positions) + self.feed_forward(h)
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_positions)
+            return x + self.attention(h, cos, sin, mask, cache_positions, past) + self.feed_forward(h)
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_positions, past)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -241,7 +249,8 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=1.0)
 
-    def forward(self, idx, attention_mask=None, start_pos=0, labels=None, right_padded=False, last_only=False):
+    def forward(self, idx, attention_mask=None, start_pos=0, labels=None, right_padded=False, last_only=False,
+                past_key_values=None):
         """Logits (B, T, vocab) for tokens idx (B, T); given labels, the mean next-token loss instead.
 
         attention_mask (B, S), 1 for real tokens and 0 for padding, covers every token so far (the
@@ -254,11 +263,18 @@ class Transformer(nn.Module):
         right_padded=True says that every pad comes after the real tokens of its row (train.py's
         batches). Causal attention is then exact for the real tokens and their positions are
         0..T-1, so no mask is built and attention takes its causal kernel (flash attention on a
-        GPU); attention_mask still reaches the adapters' gates, which read it through their hook.
+        GPU; with past_key_values, a causal mask shifted by P); attention_mask still reaches the
+        adapters' gates, which read it through their hook.
 
         labels (B, T): position t is scored on labels[:, t + 1] (-100: not scored, as padding),
         as a mean over the scored positions, without ever holding all B x T x vocab logits.
         last_only=True: the logits of the last position only (B, 1, vocab), all that generation reads.
+
+        past_key_values: for each layer (keys, values), each (B or 1, n_kv_heads, P, head_dim), of P
+        positions before every row's tokens (the same P for all layers), as a KV cache holds them:
+        used as stored (no rotary is applied to them), always attended, and the tokens' positions
+        start at P, as transformers gives tokens after a P-token past. attention_mask, start_pos and
+        the KV cache count the tokens only, not these P positions; pass them with every call.
         """
         B, T = idx.shape
         decoding = torch.is_tensor(start_pos)
@@ -268,6 +284,10 @@ class Transformer(nn.Module):
             raise ValueError("start_pos > 0 needs a KV cache: call setup_cache first")
         if decoding and attention_mask is None:
             raise ValueError("a tensor start_pos needs the attention_mask of the whole KV cache")
+        past = past_key_values
+        if past is not None and len(past) != len(self.layers):
+            raise ValueError(f"past_key_values has {len(past)} layers, the model {len(self.layers)}")
+        P = 0 if past is None else past[0][0].shape[2]  # positions before the tokens
         cache_positions = start_pos + torch.arange(T, device=idx.device)  # (T,) where the new tokens go
 
         mask = None  # plain causal attention: training, and prompts without padding
@@ -275,7 +295,7 @@ class Transformer(nn.Module):
             positions = cache_positions[None]  # (1, T)
         else:
             positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, cache_positions]  # (B, T)
-        if (attention_mask is not None and not right_padded) or decoding or start_pos > 0:
+        if (attention_mask is not None and not right_padded) or decoding or start_pos > 0 or P:
             keys = attention_mask.shape[1] if attention_mask is not None else start_pos + T
             key_pos = torch.arange(keys, device=idx.device)[None, :]  # (1, S)
             mask = key_pos <= cache_positions[:, None]                 # (T, S) causal
@@ -283,14 +303,19 @@ class Transformer(nn.Module):
                 # padding is never attended to; a pad query attends to itself so no row is empty
                 mask = mask & attention_mask.bool()[:, None, :] | (key_pos == cache_positions[:, None])  # (B, T, S)
             mask = mask[:, None] if mask.dim() == 3 else mask[None, None]  # (B|1, 1, T, S)
+            if P:  # the past comes first and is always attended: causal attention with an offset of P
+                mask = F.pad(mask, (P, 0), value=True)  # (B|1, 1, T, P + S)
+        if P:
+            positions = positions + P
         cos, sin = rotary_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta)
 
         x = self.tok_embeddings(idx)  # (B, T, dim)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            layer_past = None if past is None else past[i]
             if self.grad_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, cache_positions, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, cache_positions, layer_past, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache_positions)
+                x = layer(x, cos, sin, mask, cache_positions, layer_past)
         x = self.norm(x[:, -1:] if last_only else x)
         if labels is None:
             return self.output(x)

@@ -23,12 +23,12 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
+import adapters  # noqa: E402
 import gates  # noqa: E402
 import interlora  # noqa: E402
 import memory  # noqa: E402
 import runs  # noqa: E402
 from data import DataError, collate, generate_prompt, load_task, tokenize_item, tokenizer_for  # noqa: E402
-from interlora import AdapterError  # noqa: E402
 from memory import NotEnoughMemory  # noqa: E402
 from model import CheckpointError, load_model, model_config  # noqa: E402
 from quantize import QUANTIZE_KINDS  # noqa: E402
@@ -84,10 +84,11 @@ def token_batches(s, task, tokenizer):
 
 
 def report(s):
-    payload = interlora.read_adapter(s.adapter)
-    info, cfg = payload["info"], interlora.InterLoRAConfig(**payload["config"])
-    if not (cfg.attention_gate or cfg.ffn_gate != "none"):
-        raise RunError(f"{s.adapter} has no gates (method {info.get('method', cfg.method)}): a gate report needs "
+    payload = adapters.read_adapter(s.adapter)
+    info, method = payload["info"], payload["method"]
+    cfg = None if method in adapters.BASELINES else interlora.InterLoRAConfig(**payload["config"])  # no gates
+    if cfg is None or not (cfg.attention_gate or cfg.ffn_gate != "none"):
+        raise RunError(f"{s.adapter} has no gates (method {info.get('method', method)}): a gate report needs "
                        "an InterLoRA variant with a head or an FFN gate")
     model_name, task_name = info["model"], info["task"]
     config, folder = model_config(model_name, s.checkpoint_dir or info.get("checkpoint_dir") or None)
@@ -275,7 +276,7 @@ def draw(folder, statistics, steps, logs):
 
 def main(argv=None):
     return runs.run_command(lambda argv: report(parse_settings(argv)), argv,
-                            errors=(CheckpointError, DataError, AdapterError, NotEnoughMemory))
+                            errors=(CheckpointError, DataError, *adapters.ERRORS, NotEnoughMemory))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""Fine-tune a LLaMA / GPT-J with InterLoRA (or a LoRA baseline) on the paper's math or commonsense task.
+"""Fine-tune a LLaMA / GPT-J with InterLoRA (or a baseline) on the paper's math or commonsense task.
 
     python train.py --model llama-7b --task math                      # the paper's InterLoRA run
     python train.py --model llama-7b --task math --method lora        # the LoRA baseline (r = 10)
+    python train.py --model llama-7b --task math --method adapter     # the bottleneck Adapter baseline
+    python train.py --model llama-7b --task math --method prefix      # the Prefix baseline (lr 3e-2)
     python train.py --model tiny --task math --max_steps 20           # random tiny model, any machine
     torchrun --standalone --nproc_per_node 2 train.py --model llama-7b --task math   # 2 GPUs (distributed.py)
 
@@ -27,19 +29,18 @@ import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+from dataclasses import asdict, dataclass, field, fields  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+import adapters  # noqa: E402
 import distributed  # noqa: E402
 import gates  # noqa: E402
-import interlora  # noqa: E402
 import memory  # noqa: E402
 import runs  # noqa: E402
 from data import TASKS, DataError, collate, load_task, tokenize_item, tokenizer_for  # noqa: E402
-from interlora import AdapterError, InterLoRAConfig  # noqa: E402
 from memory import NotEnoughMemory  # noqa: E402
 from model import CheckpointError, Transformer, load_model, model_config  # noqa: E402
 from quantize import QUANTIZE_KINDS  # noqa: E402
@@ -51,8 +52,10 @@ class TrainSettings:
     model: str = field(default="llama-7b", metadata={"help": "model preset (llama-7b, llama-13b, gptj-6b, tiny, "
                                                      "tiny-gptj) or a LLaMA / GPT-J checkpoint folder"})
     task: str = field(default="math", metadata={"help": "math or commonsense"})
-    method: str = field(default="interlora", metadata={"help": "interlora, lora, or an ablation: "
-                                                       + ", ".join(list(interlora.VARIANTS)[2:])})
+    method: str = field(default="interlora", metadata={"help": "interlora; a baseline: lora, adapter, prefix (these "
+                                                       "two take none of the LoRA settings r, alpha, dropout, "
+                                                       "gate_pool); or an ablation: "
+                                                       + ", ".join(adapters.METHODS[2:-2])})
     checkpoint_dir: str = field(default="", metadata={"help": "folder of a preset's weights (default checkpoints/<model>)"})
     dtype: str = field(default="", metadata={"help": "the frozen base's dtype: bf16, fp16 or fp32 (default: bf16 on "
                                              "CUDA; on the CPU fp32 if the run fits in memory, else bf16)"})
@@ -64,7 +67,8 @@ class TrainSettings:
     alpha: float = field(default=0.0, metadata={"help": "LoRA alpha, lambda = alpha / r (default 0: 2r)", "min": 0})
     dropout: float = field(default=0.05, metadata={"help": "LoRA dropout", "min": 0, "below": 1})
     gate_pool: str = field(default="mean", metadata={"help": "head-gate pooling: mean (paper) or causal"})
-    lr: float = field(default=3e-4, metadata={"help": "peak learning rate", "above": 0})
+    lr: float = field(default=0.0, metadata={"help": "peak learning rate (default 0: the method's, 3e-2 for prefix, "
+                                             "3e-4 for the others)", "min": 0})
     epochs: int = field(default=3, metadata={"help": "passes over the training set", "min": 1})
     micro_batch_size: int = field(default=4, metadata={"help": "sequences per forward pass", "min": 1})
     grad_accum: int = field(default=4, metadata={"help": "micro-batches per optimizer step (batch 16 = 4 x 4), shared "
@@ -87,6 +91,8 @@ class TrainSettings:
     device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
 
 
+# The paper's learning rate of each method where it is not 3e-4.
+LEARNING_RATES = {"prefix": 3e-2}
 # Settings that may change between an interrupted run and its resumption.
 RESUMABLE_CHANGES = {"resume", "compile", "grad_checkpointing", "shard_base", "checkpoint_dir", "data_dir", "device",
                      "out_dir", "gate_log_every"}
@@ -94,8 +100,16 @@ RESUMABLE_CHANGES = {"resume", "compile", "grad_checkpointing", "shard_base", "c
 
 def parse_settings(argv=None):
     s = runs.settings_from_command_line(TrainSettings, __doc__.split("\n\n")[0], argv)
-    if s.method not in interlora.VARIANTS:
-        raise RunError(f"unknown --method {s.method!r}: choose one of {', '.join(interlora.VARIANTS)}")
+    if s.method not in adapters.METHODS:
+        raise RunError(f"unknown --method {s.method!r}: choose one of {', '.join(adapters.METHODS)}")
+    if s.method in adapters.BASELINES:  # LoRA's settings: refused rather than ignored
+        defaults = {f.name: f.default for f in fields(TrainSettings)}
+        given = [f"--{name} {getattr(s, name)}" for name in ("r", "alpha", "dropout", "gate_pool")
+                 if getattr(s, name) != defaults[name]]
+        if given:
+            raise RunError(f"{', '.join(given)}: LoRA's settings, which --method {s.method} does not have (it runs "
+                           "with the paper's settings); leave them out")
+    s.lr = s.lr or LEARNING_RATES.get(s.method, 3e-4)
     if s.task not in TASKS:
         raise RunError(f"unknown --task {s.task!r}: expected one of {', '.join(TASKS)}")
     if s.dtype not in ("", *memory.DTYPES):
@@ -195,8 +209,7 @@ def train(s):
     # fail in seconds, before minutes of loading, and leave no output folder behind
     config, folder = model_config(s.model, s.checkpoint_dir or None)  # reads params.json / config.json only
     s.checkpoint_dir = str(folder) if folder else ""
-    cfg = InterLoRAConfig(**interlora.VARIANTS[s.method], r=s.r, alpha=s.alpha, dropout=s.dropout,
-                          gate_pool=s.gate_pool)
+    cfg = adapters.make_config(s.method, r=s.r, alpha=s.alpha, dropout=s.dropout, gate_pool=s.gate_pool)
     n_trainable = trainable_parameters(config, cfg)
     if s.resume and not s.dtype:  # a resumed run keeps the dtype it started with
         s.dtype = saved_settings(s.out_dir).get("dtype", "")
@@ -225,8 +238,8 @@ def trainable_parameters(config, cfg):
     """The adapters' parameter count, from a model built on the meta device (no memory, no time)."""
     with torch.device("meta"):
         model = Transformer(config)
-    interlora.add_interlora(model, cfg)
-    return sum(p.numel() for name, p in model.named_parameters() if interlora.is_adapter_parameter(name))
+    adapters.add_adapters(model, cfg)
+    return sum(p.numel() for name, p in model.named_parameters() if adapters.is_adapter_parameter(name))
 
 
 def choose_dtype(s, config, n_trainable):
@@ -258,14 +271,14 @@ def train_on(s, group, cfg, tokenizer, examples):
     # a base to be sharded is read into host memory first: it need not fit the device
     model = load_model(s.model, s.checkpoint_dir or None, device="cpu" if s.shard_base else device,
                        dtype=memory.DTYPES[s.dtype], quantize=s.quantize or None)
-    interlora.add_interlora(model, cfg)
+    adapters.add_adapters(model, cfg)
     model.grad_checkpointing = s.grad_checkpointing
-    params = [p for name, p in model.named_parameters() if interlora.is_adapter_parameter(name)]
+    params = [p for name, p in model.named_parameters() if adapters.is_adapter_parameter(name)]
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
     if s.shard_base:
         distributed.shard_base(model, params, device)
     print(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.3f}%)")
-    print(f"adapter config: {json.dumps(asdict(cfg))}")
+    print(f"adapter config: {json.dumps(adapters.describe(cfg))}")
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0, fused=cuda)
     _, total_steps = schedule(s, len(examples))
 
@@ -286,7 +299,7 @@ def train_on(s, group, cfg, tokenizer, examples):
             # the log holds each step once: the steps a resumed run redoes are dropped (and anything unreadable)
             records, _ = log.read(lambda r: isinstance(r, dict) and isinstance(r.get("step"), int))
             log.rewrite([r for r in records if r["step"] <= step])
-            runs.write_json(out / "settings.json", {"settings": asdict(s), "adapter": asdict(cfg),
+            runs.write_json(out / "settings.json", {"settings": asdict(s), "adapter": adapters.describe(cfg),
                                                     "trainable_parameters": n_trainable, "total_steps": total_steps,
                                                     "world_size": group.world_size if group else 1})
         try:
@@ -298,7 +311,7 @@ def train_on(s, group, cfg, tokenizer, examples):
             info = {"model": s.model, "task": s.task, "method": s.method, "checkpoint_dir": s.checkpoint_dir,
                     "steps": step, "trainable_parameters": n_trainable}
             try:
-                interlora.save_adapter(out / "adapter.pt", model, cfg, info)
+                adapters.save_adapter(out / "adapter.pt", model, cfg, info)
             except KeyboardInterrupt:
                 raise KeyboardInterrupt(f"while writing adapter.pt; checkpoint.pt holds all {step} steps: "
                                         "run again with --resume to write it") from None
@@ -392,7 +405,7 @@ def last_save(path, saved):
 def save_checkpoint(path, step, model, optimizer, settings, group):
     # no RNG state: data order and dropout are seeded per epoch and per micro-batch
     state = {"step": step, "settings": asdict(settings), "world_size": group.world_size if group else 1,
-             "adapter": interlora.adapter_state_dict(model), "optimizer": optimizer.state_dict()}
+             "adapter": adapters.adapter_state_dict(model), "optimizer": optimizer.state_dict()}
     runs.save_torch(path, state)  # atomic: a crash or a full disk leaves the previous checkpoint intact
 
 
@@ -414,7 +427,7 @@ def resume(path, model, optimizer, s, group):
 
 def main(argv=None):
     return runs.run_command(lambda argv: train(parse_settings(argv)), argv,
-                            errors=(CheckpointError, DataError, AdapterError, NotEnoughMemory))
+                            errors=(CheckpointError, DataError, *adapters.ERRORS, NotEnoughMemory))
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ if rank and os.environ.get("RANK") != rank:  # not the process that dies: run as
     command.main(args)
     sys.exit()
 
-import interlora  # noqa: E402
+import adapters  # noqa: E402
 import model  # noqa: E402
 import runs  # noqa: E402
 
@@ -68,12 +68,12 @@ elif kind == "save":
         return result
     runs._Sink.write = write_then_die
 elif kind == "adapter":
-    save_adapter, fsync = interlora.save_adapter, os.fsync
+    save_adapter, fsync = adapters.save_adapter, os.fsync
 
     def armed_save(*a, **k):
         calls["armed"] = True
         return save_adapter(*a, **k)
-    command.interlora.save_adapter = armed_save
+    adapters.save_adapter = armed_save
     os.fsync = lambda fd: die() if calls["armed"] else fsync(fd)
 elif kind == "batch":
     model.Transformer.generate = counted(model.Transformer.generate, lambda n: n == number and die())

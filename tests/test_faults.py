@@ -395,7 +395,7 @@ def test_a_full_disk_during_evaluation_is_one_line(data_dir, adapter, small_disk
 
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
 BAD_TRAINING = [  # extra flags -> a piece of the one error line
-    (["--lr", "-1"], "--lr -1.0: expected a value above 0"),
+    (["--lr", "-1"], "--lr -1.0: expected a value at least 0"),
     (["--lr", "nan"], "--lr nan: expected a finite number"),
     (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
     (["--micro_batch_size", "0"], "--micro_batch_size 0: expected a value at least 1"),
@@ -412,6 +412,9 @@ BAD_TRAINING = [  # extra flags -> a piece of the one error line
     (["--device", "mps"], "--device mps: expected cpu or cuda"),
     (["--model", "gpt5"], "model 'gpt5' is neither a preset"),
     (["--method", "dora"], "unknown --method 'dora'"),
+    (["--method", "prefix", "--r", "8"], "--r 8: LoRA's settings, which --method prefix does not have"),
+    (["--method", "adapter", "--dropout", "0.1", "--gate_pool", "causal"],
+     "--dropout 0.1, --gate_pool causal: LoRA's settings, which --method adapter does not have"),
     (["--task", "poetry"], "unknown --task 'poetry'"),
     (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
     (["--gate_pool", "max"], "gate_pool 'max' is not one of mean, causal"),

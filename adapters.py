@@ -1,0 +1,176 @@
+"""Every method of the paper's tables behind one interface, for train.py, eval.py and report.py.
+
+    method                         what                                                  built by
+    interlora (and its ablations)  LoRA with head and FFN gates, the paper's method     interlora.py
+    lora                           LoRA r=10 on q and v, the paper's baseline            interlora.py
+    adapter                        bottleneck adapters in series on the FFN (baseline)   baselines.py
+    prefix                         30 learned keys and values per layer (baseline)       baselines.py
+
+Each method's module stays usable on its own; this file only picks one by name. The adapter file
+is the same for all of them: a torch file of plain data, loaded with weights_only=True,
+
+    {"format": "interlora-adapter", "version": 2, "method": "prefix", "config": {the method's config},
+     "info": {model, task, steps, ...}, "base": {what the base must match}, "tensors": {name: tensor}}
+
+written by interlora.save_adapter for interlora and lora (whose version-1 files, without "method",
+name theirs in the config) and here for the baselines. Loading rebuilds the method from the file and
+checks that the base model fits before any tensor is copied.
+"""
+import json
+from dataclasses import asdict
+
+import torch
+
+import baselines
+import interlora
+import runs
+from baselines import AdapterConfig, BaselineError, PrefixConfig
+from interlora import AdapterError, InterLoRAConfig
+
+# train.py's --method: InterLoRA's variants (lora among them), then the two baselines
+BASELINES = {"adapter": AdapterConfig, "prefix": PrefixConfig}
+METHODS = list(interlora.VARIANTS) + list(BASELINES)
+ERRORS = (AdapterError, BaselineError)  # what building, saving and loading raise for bad input
+
+
+def make_config(method, **lora):
+    """The config of `method`: an InterLoRA variant with the LoRA settings in `lora` (r, alpha, dropout,
+    gate_pool), or a baseline with its paper defaults (it takes no LoRA settings)."""
+    if method in BASELINES:
+        return BASELINES[method]()
+    if method not in interlora.VARIANTS:
+        raise AdapterError(f"method {method!r} is unknown: expected one of {', '.join(METHODS)}")
+    return InterLoRAConfig(**interlora.VARIANTS[method], **lora)
+
+
+def describe(cfg):
+    """The config as plain data, with its method first."""
+    return {"method": cfg.method, **asdict(cfg)}
+
+
+def add_adapters(model, cfg):
+    """Add the method of `cfg` to `model` and freeze everything else."""
+    if isinstance(cfg, AdapterConfig):
+        return baselines.add_adapter(model, cfg)
+    if isinstance(cfg, PrefixConfig):
+        return baselines.add_prefix(model, cfg)
+    return interlora.add_interlora(model, cfg)
+
+
+def remove_adapters(model):
+    baselines.remove_prefix(baselines.remove_adapter(model))
+    return interlora.remove_interlora(model)
+
+
+def is_adapter_parameter(name):
+    """What trains, is checkpointed, saved and loaded, whatever the method."""
+    return interlora.is_adapter_parameter(name) or baselines.is_baseline_parameter(name)
+
+
+def adapter_state_dict(model):
+    return {name: p.detach() for name, p in model.named_parameters() if is_adapter_parameter(name)}
+
+
+# ----------------------------------------------------------------------------- adapter files
+
+def method_of(payload):
+    """The method an adapter file holds: its "method", or (version 1) the method in its config."""
+    return payload.get("method") or payload.get("config", {}).get("method", "interlora")
+
+
+def read_adapter(path):
+    """The payload of an adapter file of any method, checked (interlora.read_adapter), its method named."""
+    payload = interlora.read_adapter(path)
+    payload["method"] = method_of(payload)
+    if payload["method"] not in ("interlora", "lora", *BASELINES):
+        raise AdapterError(f"{path} holds an adapter of method {payload['method']!r}, which this version does not "
+                           f"know (it knows {', '.join(('interlora', 'lora', *BASELINES))})")
+    return payload
+
+
+def _base_description(model, cfg):
+    """What a baseline's file must match: the model's class and family, and the shapes the tensors attach to."""
+    config = getattr(model, "config", None)
+    family = getattr(config, "family", None) or getattr(config, "model_type", None)
+    if isinstance(cfg, PrefixConfig):
+        prefix = model.prefix_tuning
+        shapes = {"prefix": {"layers": prefix.n_layer, "kv_heads": prefix.n_kv_heads, "head_dim": prefix.head_dim}}
+    else:
+        shapes = {name: [m.base.in_features, m.base.out_features, m.side]
+                  for name, m in model.named_modules() if isinstance(m, baselines.SeriesAdapter)}
+    return {"class": type(model).__name__, "family": family, "shapes": shapes}
+
+
+def save_adapter(path, model, cfg, info=None):
+    """Write the adapter file of `model`'s method atomically (for InterLoRA and LoRA: interlora.save_adapter)."""
+    if isinstance(cfg, InterLoRAConfig):
+        return interlora.save_adapter(path, model, cfg, info)
+    info = info or {}
+    try:  # the file is read with weights_only=True: only plain data loads back
+        json.dumps(info)
+    except TypeError as e:
+        raise AdapterError(f"adapter info must be plain JSON-like data: {e}") from None
+    payload = {"format": "interlora-adapter", "version": 2, "method": cfg.method, "config": asdict(cfg),
+               "info": info, "base": _base_description(model, cfg),
+               "tensors": {k: v.cpu() for k, v in adapter_state_dict(model).items()}}
+    runs.save_torch(path, payload)
+
+
+def load_adapter(model, path):
+    """Add the method described in the adapter file `path` to `model` and load its tensors; returns (cfg, info).
+
+    On any mismatch the model is left as it was and the error says what differs.
+    """
+    payload = read_adapter(path)
+    method = payload["method"]
+    if method not in BASELINES:
+        return interlora.load_adapter(model, path)
+    try:
+        cfg = BASELINES[method](**payload["config"])
+    except TypeError as e:
+        raise AdapterError(f"{path}: the {method} config {payload['config']} does not fit this version ({e})") from None
+    add_adapters(model, cfg)
+    try:
+        _check_base(path, payload, _base_description(model, cfg))
+        params = {n: p for n, p in model.named_parameters() if is_adapter_parameter(n)}
+        tensors = payload["tensors"]
+        if params.keys() != tensors.keys():
+            name = sorted(params.keys() ^ tensors.keys())[0]
+            raise AdapterError(f"{path}: tensor {name} is in {'the model' if name in params else 'the file'} only")
+        for name, tensor in tensors.items():
+            if params[name].shape != tensor.shape:
+                raise AdapterError(f"{path}: tensor {name} {tuple(tensor.shape)} does not fit this model's "
+                                   f"{tuple(params[name].shape)}")
+            with torch.no_grad():
+                params[name].copy_(tensor)
+    except AdapterError:
+        remove_adapters(model)
+        raise
+    return cfg, payload["info"]
+
+
+def _check_base(path, payload, base):
+    saved, trained_on = payload["base"], payload["info"].get("model")
+    hint = f"load it onto {trained_on}, the model it was trained on" if trained_on else \
+        "load it onto the model it was trained on"
+    prefix, found = saved["shapes"].get("prefix"), base["shapes"].get("prefix")
+    if prefix and found and prefix != found:
+        raise AdapterError(f"{path} was made for another base model: its prefix holds keys and values for "
+                           f"{prefix['layers']} layers of {prefix['kv_heads']} heads x {prefix['head_dim']}, this "
+                           f"model has {found['layers']} layers of {found['kv_heads']} x {found['head_dim']}: {hint}")
+    for key in ("class", "family", "shapes"):
+        if saved[key] != base[key]:
+            raise AdapterError(f"{path} was made for another base model: its {key} is {saved[key]}, this model's "
+                               f"is {base[key]}"[:400] + f": {hint}")
+
+
+def merge(model):
+    """Fold plain LoRA into the base weights (interlora.merge); the baselines refuse, with the reason."""
+    adapted = [name for name, m in model.named_modules() if isinstance(m, baselines.SeriesAdapter)]
+    if adapted:
+        raise AdapterError(f"cannot merge the bottleneck adapter of {adapted[0]}: U tanh(D z) is nonlinear in "
+                           "its input, so no fixed matrix added to the weight equals it; run it unmerged")
+    if isinstance(getattr(model, "prefix_tuning", None), baselines.Prefix):
+        raise AdapterError("cannot merge a prefix: it adds keys and values to every layer's attention, it changes "
+                           "no weight; run it unmerged")
+    return interlora.merge(model)
