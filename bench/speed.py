@@ -2,6 +2,7 @@
 
     python bench/speed.py                                  # CPU: the LLaMA shape below, fp32, a few minutes
     python bench/speed.py --work generate                  # only the generation table
+    python bench/speed.py --work profile                   # where the time goes (torch.profiler)
     python bench/speed.py --dim 1024 --n_layer 18 --n_head 16 --ffn_dim 2816 --rounds 3   # ~300M parameters
     python bench/speed.py --model llama-7b --json out/bench/llama-7b.json                 # a GPU: bf16
 
@@ -66,7 +67,8 @@ from runs import RunError, choose_device, settings_from_command_line  # noqa: E4
 @dataclass
 class Settings:
     work: str = field(default="train,generate", metadata={"help": "comma-separated: train, generate, eval (eval.py's "
-                                                                   "path over the math test split)"})
+                                                                   "path over the math test split), profile (where "
+                                                                   "ours spends its time)"})
     model: str = field(default="", metadata={"help": "a preset of model.py instead of the shape flags, e.g. llama-7b"})
     dim: int = field(default=512, metadata={"help": "model width", "min": 1})
     n_layer: int = field(default=8, metadata={"help": "layers", "min": 1})
@@ -378,6 +380,40 @@ def eval_workload(s, config, dtype):
             "tokens_per_s": new_tokens / wall, "stopped_at_eos": sum(1 for row in outputs if row[-1:] == [options["eos_id"]])}
 
 
+# ----------------------------------------------------------------------------- where the time goes
+
+def profile(s, config, dtype):
+    """torch.profiler's busiest operators in one training step and one batch-1 generation of ours (eager), and
+    the output layer's matrix-vector product in both weight layouts next to a plain read of the same bytes."""
+    from torch.profiler import ProfilerActivity, profile as profiler
+    lines = []
+    model = build_ours(config, "interlora", s.device, dtype, trained_like=True).train()
+    idx = torch.randint(3, config.vocab_size, (s.micro_batch, s.seq_len), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(idx, dtype=torch.bool)
+    for _ in range(2):  # warm-up
+        model(idx, attention_mask=mask, labels=idx, right_padded=True).backward()
+    prompt = idx[:1, :s.prompt_len].tolist()
+    model.eval().generate(prompt, 4)
+    for name, work in [("training step (forward + backward)",
+                        lambda: model.train()(idx, attention_mask=mask, labels=idx, right_padded=True).backward()),
+                       (f"generation, batch 1, {s.new_tokens} new tokens", lambda: model.eval().generate(prompt, s.new_tokens))]:
+        with profiler(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.startswith("cuda")
+                                                          else [])) as prof:
+            work()
+            synchronize(s.device)
+        lines.append(f"{name}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    weight = model.output.weight.detach()  # (vocab, dim), as nn.Linear stores it
+    transposed, x = weight.t().contiguous(), torch.randn(1, weight.shape[1], device=s.device, dtype=dtype)
+    times = {what: 1e3 * statistics.median(seconds(fn, s.device) for _ in range(20)) for what, fn in [
+        ("x @ W^T, W stored (out, in) as nn.Linear", lambda: x @ weight.T),
+        ("x @ W, W stored (in, out)", lambda: x @ transposed),
+        ("sum of W (a plain read)", weight.sum)]}
+    mb = weight.numel() * weight.element_size() / 1e6
+    lines.append(f"the output layer's product at batch 1 ({tuple(weight.shape)}, {mb:.0f} MB):\n" + "\n".join(
+        f"  {what}: {ms:.2f} ms, {mb / ms:.1f} GB/s" for what, ms in times.items()))
+    return "\n\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- tables
 
 def markdown(header, lines):
@@ -438,8 +474,8 @@ def main(argv=None):
     s = settings_from_command_line(Settings, __doc__.split("\n\n")[0], argv)
     s.device = choose_device(s.device)
     work = {w.strip() for w in s.work.split(",")}
-    if not work <= {"train", "generate", "eval"}:
-        raise RunError(f"--work {s.work!r}: expected train, generate, eval or several of them")
+    if not work <= {"train", "generate", "eval", "profile"}:
+        raise RunError(f"--work {s.work!r}: expected train, generate, eval, profile or several of them")
     if s.model and s.model not in PRESETS:
         raise RunError(f"--model {s.model!r}: choose one of {', '.join(PRESETS)}")
     cuda = s.device.startswith("cuda")
@@ -489,6 +525,9 @@ def main(argv=None):
                       f"{row['batch']}, up to {row['max_new_tokens']} new tokens: {row['new_tokens']:,} tokens in "
                       f"{row['wall_s']:.1f} s ({row['tokens_per_s']:,.0f} tokens/s)")
         results["rows"].append(row)
+
+    if "profile" in work:
+        tables.append(profile(s, config, dtype))
 
     results["load_average"] = {"before": load_before, "after": os.getloadavg()}
     print()

@@ -160,3 +160,10 @@ def test_full_size_measures_each_child_on_its_own(tmp_path):
     assert small["peak_rss"] < big["peak_rss"] - 500_000_000
     failed = full_size.run([sys.executable, "-c", "raise SystemExit('error: no')"], tmp_path / "failed.log")
     assert failed["returncode"] == 1 and full_size.describe("eval", failed) == "exit 1: error: no"
+
+
+def test_profile_names_the_operators_and_the_layouts():
+    result = speed.main(TINY + ["--work", "profile"])
+    (text,) = result["tables"]
+    assert "training step" in text and "generation, batch 1" in text and "aten::mm" in text
+    assert "stored (out, in)" in text and "stored (in, out)" in text and "a plain read" in text
