@@ -133,16 +133,7 @@ def load_adapter(model, path):
     try:
         _check_base(path, payload, _base_description(model, cfg))
         params = {n: p for n, p in model.named_parameters() if is_adapter_parameter(n)}
-        tensors = payload["tensors"]
-        if params.keys() != tensors.keys():
-            name = sorted(params.keys() ^ tensors.keys())[0]
-            raise AdapterError(f"{path}: tensor {name} is in {'the model' if name in params else 'the file'} only")
-        for name, tensor in tensors.items():
-            if params[name].shape != tensor.shape:
-                raise AdapterError(f"{path}: tensor {name} {tuple(tensor.shape)} does not fit this model's "
-                                   f"{tuple(params[name].shape)}")
-            with torch.no_grad():
-                params[name].copy_(tensor)
+        interlora.copy_tensors(path, params, payload["tensors"])
     except AdapterError:
         remove_adapters(model)
         raise

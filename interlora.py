@@ -382,21 +382,26 @@ def load_adapter(model, path, targets=None):
             if base[key] != saved[key]:
                 raise AdapterError(f"{path} was made for another base model: its {key} is {saved[key]}, "
                                    f"this model's is {base[key]}"[:400])
-        params = {n: p for n, p in model.named_parameters() if is_adapter_parameter(n)}
-        tensors = payload["tensors"]
-        if params.keys() != tensors.keys():
-            name = sorted(params.keys() ^ tensors.keys())[0]
-            raise AdapterError(f"{path}: tensor {name} is in {'the model' if name in params else 'the file'} only")
-        for name, tensor in tensors.items():
-            if params[name].shape != tensor.shape:
-                raise AdapterError(f"{path}: tensor {name} {tuple(tensor.shape)} does not fit this model's "
-                                   f"{tuple(params[name].shape)}")
-            with torch.no_grad():
-                params[name].copy_(tensor)
+        copy_tensors(path, {n: p for n, p in model.named_parameters() if is_adapter_parameter(n)}, payload["tensors"])
     except AdapterError:
         remove_interlora(model)
         raise
     return cfg, payload["info"]
+
+
+def copy_tensors(path, params, tensors):
+    """Copy an adapter file's tensors {name: tensor} into the model's adapter parameters {name: param}, after
+    checking that the names and shapes match exactly (AdapterError names the first that does not)."""
+    if params.keys() != tensors.keys():
+        name = sorted(params.keys() ^ tensors.keys())[0]
+        raise AdapterError(f"{path}: tensor {name} is in {'the model' if name in params else 'the file'} only")
+    for name, tensor in tensors.items():
+        if params[name].shape != tensor.shape:
+            raise AdapterError(f"{path}: tensor {name} {tuple(tensor.shape)} does not fit this model's "
+                               f"{tuple(params[name].shape)}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)
 
 
 def merge(model):
