@@ -345,11 +345,13 @@ class Transformer(nn.Module):
         return self(token, attention_mask=cache_mask, start_pos=position, last_only=True)[:, -1]
 
     def compiled_decode_step(self):
-        """decode_step under torch.compile, made once per model (CUDA: mode reduce-overhead, i.e. CUDA graphs)."""
+        """decode_step under torch.compile, made once per model. CUDA: mode reduce-overhead (CUDA graphs replay
+        the step). CPU: inductor with matrix-vector products of its own for one or two rows (decode_backend)."""
         if getattr(self, "_compiled_decode_step", None) is None:
-            cuda = self.tok_embeddings.weight.is_cuda
-            self._compiled_decode_step = torch.compile(self.decode_step, fullgraph=True,
-                                                       mode="reduce-overhead" if cuda else None)
+            if self.tok_embeddings.weight.is_cuda:
+                self._compiled_decode_step = torch.compile(self.decode_step, fullgraph=True, mode="reduce-overhead")
+            else:
+                self._compiled_decode_step = torch.compile(self.decode_step, fullgraph=True, backend=decode_backend)
         return self._compiled_decode_step
 
     @torch.no_grad()
@@ -427,6 +429,48 @@ class Transformer(nn.Module):
             kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
+
+
+# A decode step multiplies each weight W (out, in) by one row per sequence. MKL's kernel for a product of one or
+# two rows reads W slowly on a CPU (this project's 2-core machine: 14 GB/s, where a plain sum reads 31), and at
+# batch 1 those products are nearly the whole step. Written as a multiply and a sum over `in`, W's contiguous
+# dimension, the same product is one reduction that inductor vectorizes and spreads over the cores: 27 GB/s
+# there. From 4 rows on MKL's kernel is the faster (bench/speed.py --work profile measures the output layer's).
+MATRIX_VECTOR_ROWS = 2
+
+
+def matrix_vector(rows, weight_t):
+    """rows (M, in) @ weight_t (in, out) as multiply-and-sum, accumulated in fp32: (M, out)."""
+    return (rows.float()[:, None, :] * weight_t.t().float()[None]).sum(-1).to(rows.dtype)
+
+
+def _few_rows(rows, weight_t):
+    return (rows.device.type == "cpu" and rows.dim() == 2 and weight_t.dim() == 2 and rows.is_floating_point()
+            and rows.shape[0] <= MATRIX_VECTOR_ROWS)
+
+
+def decode_backend(graph, example_inputs):
+    """torch.compile's inductor, except that a CPU matmul of one or two rows (aten.mm, aten.addmm: every
+    nn.Linear of a decode step at batch 1 or 2) becomes the reduction above; other matmuls are inductor's."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+    aten, table = torch.ops.aten, dict(select_decomp_table())
+    mm, addmm = table.get(aten.mm.default), table.get(aten.addmm.default)
+
+    def decomposed_mm(rows, weight_t, **kwargs):
+        if _few_rows(rows, weight_t) and not kwargs:
+            return matrix_vector(rows, weight_t)
+        return mm(rows, weight_t, **kwargs) if mm else NotImplemented
+
+    def decomposed_addmm(bias, rows, weight_t, beta=1, alpha=1, **kwargs):
+        if _few_rows(rows, weight_t) and not kwargs:
+            return beta * bias + alpha * matrix_vector(rows, weight_t)
+        return addmm(bias, rows, weight_t, beta=beta, alpha=alpha, **kwargs) if addmm else NotImplemented
+
+    table.update({aten.mm.default: decomposed_mm, aten.addmm.default: decomposed_addmm})
+    # the compilers' caches do not key on decompositions: a graph cached by a plain torch.compile would be reused
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(graph, example_inputs, decompositions=table, config_patches={"fx_graph_cache": False})
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):

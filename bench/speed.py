@@ -19,7 +19,9 @@ builds its own copy; no checkpoint is needed. Rows:
               on q, v, down; decode tokens/s = batch * new_tokens / (time(1 + new_tokens) - time(1)).
               A last row, "matmuls alone", runs only the frozen weights' matmuls of those decode steps
               (every nn.Linear of the base on a (batch, width) input, one after another, no model
-              around them): what no stack can avoid with this device's matmul kernels.
+              around them) with torch's matmul (MKL on a CPU): what a stack that multiplies with that
+              kernel cannot go below. Ours compiled goes below it at batch 1 and 2 on a CPU, where the
+              decode step computes each product as a reduction of its own (model.decode_backend).
 
 for ours eager, ours compiled (train: torch.compile of the model; generate: the compiled decode
 step) and hf+peft (transformers' LlamaForCausalLM, sdpa attention; eager for GPT-J, which has
@@ -60,6 +62,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python bench/speed.py
 import interlora  # noqa: E402
 from data import ByteTokenizer, generate_prompt, load_task, load_tokenizer  # noqa: E402
+import model as model_module  # noqa: E402
 from model import PRESETS, ModelConfig, Transformer  # noqa: E402
 from runs import RunError, choose_device, settings_from_command_line  # noqa: E402
 
@@ -307,16 +310,17 @@ def generate_rows(s, config, dtype, batch):
     if not s.skip_reference:
         models["hf+peft"] = build_reference(config, "interlora", s.device, dtype, trained_like=True).eval()
         runs.append(("hf+peft", "eager", reference_run))
-    # what no stack can avoid: the frozen weights' matmuls of new_tokens decode steps, run bare one after another
+    # the frozen weights' matmuls of new_tokens decode steps as torch's matmul (MKL on a CPU) computes them, run
+    # bare one after another: what a stack that multiplies with that kernel cannot go below
     weights = [module.weight for name, module in models["ours"].named_modules()
                if isinstance(module, torch.nn.Linear) and not interlora.is_adapter_parameter(name + ".weight")]
-    x = torch.randn(batch, max(w.shape[1] for w in weights), device=s.device, dtype=dtype)
+    inputs = {w.shape[1]: torch.randn(batch, w.shape[1], device=s.device, dtype=dtype) for w in weights}
 
     def matmuls_alone(n):
         with torch.no_grad():
             for _ in range(n - 1):
                 for w in weights:
-                    torch.nn.functional.linear(x[:, :w.shape[1]], w)
+                    torch.nn.functional.linear(inputs[w.shape[1]], w)
     runs.append(("matmuls", "alone", matmuls_alone))
     rows = []
     for stack, mode, generate in runs:
@@ -404,9 +408,12 @@ def profile(s, config, dtype):
         lines.append(f"{name}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     weight = model.output.weight.detach()  # (vocab, dim), as nn.Linear stores it
     transposed, x = weight.t().contiguous(), torch.randn(1, weight.shape[1], device=s.device, dtype=dtype)
+    reduction = torch.compile(model_module.matrix_vector)  # the compiled decode step's product at batch 1
+    reduction(x, weight.T)
     times = {what: 1e3 * statistics.median(seconds(fn, s.device) for _ in range(20)) for what, fn in [
-        ("x @ W^T, W stored (out, in) as nn.Linear", lambda: x @ weight.T),
-        ("x @ W, W stored (in, out)", lambda: x @ transposed),
+        ("x @ W^T, W stored (out, in) as nn.Linear (MKL)", lambda: x @ weight.T),
+        ("x @ W, W stored (in, out) (MKL)", lambda: x @ transposed),
+        ("multiply-and-sum over W's rows (inductor, the compiled decode step's)", lambda: reduction(x, weight.T)),
         ("sum of W (a plain read)", weight.sum)]}
     mb = weight.numel() * weight.element_size() / 1e6
     lines.append(f"the output layer's product at batch 1 ({tuple(weight.shape)}, {mb:.0f} MB):\n" + "\n".join(

@@ -166,3 +166,34 @@ def test_decode_step_compiles_once_and_gives_the_eager_tokens(pool):
     sampled = [model.generate(prompts, max_new_tokens=6, temperature=0.8, top_k=20, compile=compiled,
                               generator=torch.Generator().manual_seed(3)) for compiled in (False, True)]
     assert sampled[0] == sampled[1]
+
+
+def matmul_kernels(code):
+    """The matmul kernels (MKL's, through aten) that inductor's generated code calls."""
+    return sum(code.count(f"extern_kernels.{name}(") for name in ("mm", "addmm"))
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-gptj"])
+def test_decode_step_at_batch_one_computes_its_products_as_reductions(name):
+    """CPU, one or two rows per step: the compiled decode step calls no matmul kernel (every weight, biased or not,
+    is read by a multiply-and-sum of its own: model.decode_backend) and gives eager's tokens; at three rows the
+    matmuls are MKL's again."""
+    from torch._inductor.utils import run_and_get_code
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(**{**PRESETS[name], "dim": 64, "n_layer": 2, "ffn_dim": 160})).eval()
+    interlora.add_interlora(model, InterLoRAConfig())
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "lora_B" in param_name:
+                param.normal_(0.0, 0.2)
+    kernels = {}
+    for prompts in ([[5, 6, 7, 8, 9]], [[5, 6, 7], [8, 9, 10, 11]], [[5, 6, 7], [8, 9, 10], [40] * 9]):
+        eager = model.generate(prompts, max_new_tokens=8)
+        model._compiled_decode_step = None  # compile anew: each batch size's code is captured
+        torch.compiler.reset()
+        compiled, codes = run_and_get_code(lambda: model.generate(prompts, max_new_tokens=8, compile=True))
+        assert compiled == eager
+        assert len(codes) == 1
+        kernels[len(prompts)] = matmul_kernels(codes[0])
+    # 2 layers x 7 base weights, the output layer, and the adapters' products, at three rows
+    assert kernels[1] == kernels[2] == 0 and kernels[3] >= 2 * 7 + 1, kernels
