@@ -124,7 +124,7 @@ class InterLoRALinear(nn.Module):
         self.scaling = cfg.alpha / cfg.r  # λ
         # adapters are fp32 next to a bf16 base: autocast runs the matmuls in bf16
         factory = dict(device=base.weight.device, dtype=torch.float32)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout  # p: in training LoRA reads dropout(x) (Eq. 4)
         self.lora_A = nn.Linear(base.in_features, cfg.r, bias=False, **factory)
         self.lora_B = nn.Linear(cfg.r, base.out_features, bias=False, **factory)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as PEFT and loralib
@@ -146,11 +146,13 @@ class InterLoRALinear(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(self.lora_A.weight.dtype)  # a bf16 base without autocast: adapters stay fp32
         # A (Eq. 4) and the gate's first projection (W_att, Eq. 5; W_ffn, Eq. 7) both read x: one matmul with
-        # both stacked (r + 1 rows). In training with dropout, LoRA reads dropout(x) and the gate x: two matmuls.
-        if self.gate == "none":
-            a, z = self.lora_A(self.dropout(x)), None
-        elif self.training and self.dropout.p > 0:
-            a, z = self.lora_A(self.dropout(x)), self.gate_in(x)
+        # both stacked (r + 1 rows). In training with dropout, LoRA reads dropout(x) and the gate x: two matmuls;
+        # dropout's 1 / (1 - p) goes into A (r x d_in), so dropout(x) A^T = (x ⊙ mask) (A / (1 - p))^T.
+        if self.training and self.dropout > 0:
+            a = F.linear(x * dropout_mask(x, self.dropout), self.lora_A.weight / (1 - self.dropout))
+            z = None if self.gate == "none" else self.gate_in(x)
+        elif self.gate == "none":
+            a, z = self.lora_A(x), None
         else:
             az = F.linear(x, torch.cat((self.lora_A.weight, self.gate_in.weight)))  # (..., r + 1)
             a, z = az[..., :-1], az[..., -1:]                                         # (..., r), (..., 1)
@@ -220,6 +222,23 @@ class InterLoRALinear(nn.Module):
             self.gate_count.copy_(counts)
         else:
             self.gate_sum, self.gate_count = sums.clone(), counts.clone()
+
+
+def dropout_mask(x, p):
+    """Dropout's mask for x: True (kept) with probability 1 - p, for each element independently.
+
+    On a CPU the dropped places are drawn as the gaps between them, which are geometric: about p·n random numbers
+    for n elements instead of n (torch's CPU generator makes them one at a time, and n of them cost more than the
+    small layers' matmuls). 1.5·p·n + 200 gaps reach past the last element except with probability below 1e-55
+    (Chernoff's bound on n Bernoulli draws making that many drops); elsewhere (CUDA) a draw per element.
+    """
+    if x.device.type != "cpu":
+        return torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
+    n = x.numel()
+    gaps = torch.empty(int(1.5 * p * n) + 200, dtype=torch.float64).geometric_(p).clamp_(max=n + 1)
+    places = gaps.cumsum_(0).clamp_(max=n + 1).long() - 1  # where the dropped are; n: past the end
+    keep = torch.ones(n + 1, dtype=torch.bool)
+    return keep.index_fill_(0, places, False)[:n].view(x.shape)
 
 
 def _add_low_rank(out, a, b):

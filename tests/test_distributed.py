@@ -89,7 +89,9 @@ def test_a_sharded_base_trains_the_same_adapter(reference, module_data_dir, tmp_
 def test_a_killed_process_stops_the_run_with_one_line_and_resume_continues(reference, module_data_dir, tmp_path):
     out = tmp_path / "killed"
     args = [*ARGS, "--data_dir", module_data_dir, "--out_dir", out]
-    result = torchrun("train.py", *args, kill="step:3@1")  # rank 1 dies during step 3, after the save of step 2
+    # rank 1 dies as step 4 begins: rank 0 has saved step 2 for sure (it joined step 3's gradient sum only after the
+    # save), and cannot save step 4 (its gradient sum never completes). Dying at step 3 would race with that save.
+    result = torchrun("train.py", *args, kill="step:4@1")
     assert result.returncode != 0
     errors = our_errors(result)
     assert len(errors) == 1 and "the last good save is step 2" in errors[0] and "--resume" in errors[0], errors

@@ -788,7 +788,7 @@ def test_defaults_are_the_papers_interlora():
     add_interlora(model, cfg)
     layer = model.layers[0].feed_forward.w2
     assert layer.gate_scale.item() == 10.0 and layer.scaling == 2.0
-    assert layer.dropout.p == 0.05
+    assert layer.dropout == 0.05
 
 
 def test_lora_method_is_the_papers_baseline():
@@ -828,3 +828,41 @@ def test_adding_twice_and_unknown_targets_are_adapter_errors():
     with pytest.raises(AdapterError, match="already"):
         add_interlora(model, InterLoRAConfig())
     assert interlora.default_targets(tiny_model("tiny-gptj"))["down"][0] == "feed_forward.w2"
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_dropout_masks_are_independent_draws_with_the_right_probability(p):
+    """interlora.dropout_mask against the Bernoulli process it must be: each element dropped with probability p
+    (over the whole tensor and in each sixteenth of it, so the end is dropped as often as the start), two
+    neighbours both dropped with probability p^2, and tensors of a few elements as often as large ones."""
+    torch.manual_seed(0)
+    x = torch.empty(1000, 2048)
+    dropped = ~interlora.dropout_mask(x, p)
+    assert dropped.shape == x.shape and dropped.dtype == torch.bool
+
+    def within(count, trials, q, sigmas=6):
+        return abs(count - trials * q) <= sigmas * (trials * q * (1 - q)) ** 0.5
+
+    flat = dropped.flatten()
+    assert within(flat.sum().item(), flat.numel(), p)
+    for part in flat.chunk(16):
+        assert within(part.sum().item(), part.numel(), p)
+    pairs = flat[:-1:2] & flat[1::2]  # disjoint neighbouring pairs
+    assert within(pairs.sum().item(), pairs.numel(), p * p)
+    small = torch.stack([~interlora.dropout_mask(torch.empty(3), p) for _ in range(4000)])  # (4000, 3)
+    for column in small.T:
+        assert within(column.sum().item(), column.numel(), p)
+
+
+def test_training_lora_output_is_unbiased_by_dropout():
+    """dropout's 1 / (1 - p) goes into A: over many draws the training output averages to the eval output."""
+    torch.manual_seed(1)
+    layer = InterLoRALinear(torch.nn.Linear(12, 6, bias=False), InterLoRAConfig(method="lora", r=3, dropout=0.3))
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        expected = layer.eval()(x) - layer.base(x)
+        draws = torch.stack([layer.train()(x) - layer.base(x) for _ in range(20000)])
+    spread = draws.std(0) / len(draws) ** 0.5
+    assert (draws.mean(0) - expected).abs().le(6 * spread + 1e-6).all()
+    assert not torch.allclose(draws[0], expected)  # dropout did act
