@@ -397,10 +397,17 @@ def profile(s, config, dtype):
     for _ in range(2):  # warm-up
         model(idx, attention_mask=mask, labels=idx, right_padded=True).backward()
     prompt = idx[:1, :s.prompt_len].tolist()
+    prompts = torch.randint(3, config.vocab_size, (32, s.prompt_len), generator=torch.Generator().manual_seed(2)).tolist()
     model.eval().generate(prompt, 4)
+    for batch in (prompt, prompts):  # compiles the decode step for batch 1, then for 32
+        model.eval().generate(batch, s.new_tokens, compile=True)
     for name, work in [("training step (forward + backward)",
                         lambda: model.train()(idx, attention_mask=mask, labels=idx, right_padded=True).backward()),
-                       (f"generation, batch 1, {s.new_tokens} new tokens", lambda: model.eval().generate(prompt, s.new_tokens))]:
+                       (f"generation, batch 1, {s.new_tokens} new tokens", lambda: model.eval().generate(prompt, s.new_tokens)),
+                       (f"generation, batch 1, {s.new_tokens} new tokens, compiled decode step",
+                        lambda: model.eval().generate(prompt, s.new_tokens, compile=True)),
+                       (f"generation, batch 32, {s.new_tokens} new tokens, compiled decode step (and the prefill)",
+                        lambda: model.eval().generate(prompts, s.new_tokens, compile=True))]:
         with profiler(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.startswith("cuda")
                                                           else [])) as prof:
             work()
