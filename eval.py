@@ -32,7 +32,8 @@ import memory  # noqa: E402
 import runs  # noqa: E402
 from data import DataError, extract_answer, generate_prompt, is_correct, load_task, tokenizer_for  # noqa: E402
 from memory import NotEnoughMemory  # noqa: E402
-from model import CheckpointError, load_model, model_config  # noqa: E402
+from checkpoints import load_model, model_config  # noqa: E402
+from model import CheckpointError  # noqa: E402
 from quantize import QUANTIZE_KINDS  # noqa: E402
 from runs import RunError  # noqa: E402
 

@@ -42,7 +42,8 @@ import memory  # noqa: E402
 import runs  # noqa: E402
 from data import TASKS, DataError, collate, load_task, tokenize_item, tokenizer_for  # noqa: E402
 from memory import NotEnoughMemory  # noqa: E402
-from model import CheckpointError, Transformer, load_model, model_config  # noqa: E402
+from checkpoints import load_model, model_config  # noqa: E402
+from model import CheckpointError, Transformer  # noqa: E402
 from quantize import QUANTIZE_KINDS  # noqa: E402
 from runs import RunError  # noqa: E402
 

@@ -15,7 +15,7 @@ memory while writing; both are checked first):
 then, for each setting (fp32; bf16; bf16 with int8 weights; bf16 with nf4 weights), runs in a
 fresh process each:
 
-    load    memory.check_memory, then model.load_model(folder, dtype, quantize)   (the Python API)
+    load    memory.check_memory, then checkpoints.load_model(folder, dtype, quantize)   (the Python API)
     eval    python eval.py --base --model llama-7b --task math --checkpoint_dir DIR --datasets SVAMP
               --limit 2 --max_new_tokens 4 --dtype X [--quantize K] --out_dir OUT
     train   python train.py --model llama-7b --task math --checkpoint_dir DIR --max_steps 1
@@ -41,7 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as python bench/full_size.py
 import memory  # noqa: E402
-from model import ModelConfig, Transformer, load_model, model_config  # noqa: E402
+from checkpoints import load_model, model_config  # noqa: E402
+from model import ModelConfig, Transformer  # noqa: E402
 
 GiB = 2 ** 30
 SETTINGS = [("fp32", None), ("bf16", None), ("bf16", "int8"), ("bf16", "nf4")]

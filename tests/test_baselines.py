@@ -6,7 +6,7 @@ not compute themselves.
 - Adapter: a transcription of LLM-Adapters' series adapter (its peft fork, tuners/bottleneck.py), written
   out in this file and put by hand where LLM-Adapters puts it, gives the same logits; its init is N(0, 0.02).
 - Prefix: PEFT's prefix tuning on transformers' LlamaForCausalLM, its table copied into ours on the same
-  weights loaded by model.py, gives the same logits (with and without padding) and trains the same.
+  weights loaded by checkpoints.py, gives the same logits (with and without padding) and trains the same.
 - Generation with the KV cache: a left-padded batch equals each prompt alone and a full recomputation.
 - The commands: train.py trains both, resumes bit for bit, eval.py evaluates through the adapter file;
   files of another base model, merging and the gate report are one clear error each.
@@ -28,7 +28,8 @@ import train as train_script
 from adapters import AdapterError
 from baselines import AdapterConfig, PrefixConfig, SeriesAdapter, add_adapter, add_prefix
 from conftest import ROOT, read_jsonl
-from model import PRESETS, ModelConfig, Transformer, load_checkpoint
+from checkpoints import load_checkpoint
+from model import PRESETS, ModelConfig, Transformer
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32: two computations of the same thing
 

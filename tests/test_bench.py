@@ -16,7 +16,8 @@ import torch.nn as nn
 from bench import full_size, speed
 from conftest import shared_path
 from memory import weight_bytes
-from model import SHAPE_FIELDS, ModelConfig, Transformer, load_model, model_config
+from checkpoints import load_model, model_config
+from model import SHAPE_FIELDS, ModelConfig, Transformer
 
 TINY = ["--dim", "64", "--n_layer", "2", "--n_head", "4", "--ffn_dim", "128", "--vocab_size", "300",
         "--micro_batch", "2", "--seq_len", "40", "--batch_sizes", "1,2", "--prompt_len", "4", "--new_tokens", "6",

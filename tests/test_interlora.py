@@ -4,7 +4,7 @@
   model shapes (built on the meta device), and for every named ablation a closed-form count
   written here from the SPEC's reading of Eq. 4-8.
 - method="lora": PEFT's LoRA on transformers' LlamaForCausalLM (same A and B, same logits),
-  directly and through model.py's loader of the same Hugging Face weights.
+  directly and through checkpoints.py's loader of the same Hugging Face weights.
 - The gates: a plain-tensor transcription of Eq. 4-8 written in this file, fed with each
   layer's own weights and inputs (both poolings, with padding).
 - Padding and generation: the same sequence alone (no padding at all), a full recomputation
@@ -26,7 +26,8 @@ from interlora import (VARIANTS, AdapterError, InterLoRAConfig, InterLoRALinear,
                        adapter_state_dict, is_adapter_parameter, load_adapter, merge, read_adapter,
                        remove_interlora, save_adapter)
 from conftest import ROOT
-from model import PRESETS, ModelConfig, Transformer, load_checkpoint
+from checkpoints import load_checkpoint
+from model import PRESETS, ModelConfig, Transformer
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32 comparisons between two computations of the same thing
 
@@ -392,7 +393,7 @@ def test_lora_method_equals_peft_on_transformers_llama(r, alpha):
 
 
 def test_lora_method_on_our_transformer_equals_peft(tmp_path):
-    """The same HF weights through model.load_checkpoint: our Transformer + InterLoRA-LoRA = PEFT."""
+    """The same HF weights through checkpoints.load_checkpoint: our Transformer + InterLoRA-LoRA = PEFT."""
     r, alpha = 8, 16
     hf_model = tiny_hf_llama()
     hf_model.save_pretrained(tmp_path)

@@ -14,7 +14,8 @@ import interlora
 from memory import (ACTIVATION_BYTES, DTYPES, NotEnoughMemory, check_memory, default_dtype, memory_available,
                     memory_needed, weight_bytes)
 from conftest import ROOT
-from model import ModelConfig, Transformer, load_model
+from checkpoints import load_model
+from model import ModelConfig, Transformer
 from quantize import QUANTIZE_KINDS, quantize_model
 
 GiB = 2 ** 30

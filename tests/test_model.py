@@ -1,4 +1,4 @@
-"""model.py against Hugging Face transformers, on tiny random models saved to disk.
+"""model.py and checkpoints.py against Hugging Face transformers, on tiny random models saved to disk.
 
 Each tiny LlamaForCausalLM / GPTJForCausalLM is saved the way transformers saves it (and
 rewritten by these tests in Meta's consolidated.NN.pth layout and in the older .bin
@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import save_file
 from transformers import GPTJConfig, GPTJForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from model import (CheckpointError, ModelConfig, StoredTensor, Transformer, load_checkpoint, load_model,
-                   model_config)
+from checkpoints import StoredTensor, load_checkpoint, load_model, model_config
+from model import CheckpointError, ModelConfig, Transformer
 from quantize import quantize_model
 
 VOCAB = 300        # even, so Meta's model-parallel split of `output` is exact
@@ -780,7 +780,8 @@ def test_fp16_files_load_in_any_dtype_and_quantized(saved, tmp_path, quantize):
 
 PEAK_WHILE_LOADING = """
 import sys, torch
-from model import ModelConfig, Transformer, load_checkpoint
+from checkpoints import load_checkpoint
+from model import ModelConfig, Transformer
 
 def status(key):
     for line in open("/proc/self/status"):

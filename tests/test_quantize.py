@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import interlora
 from interlora import AdapterError, InterLoRAConfig, add_interlora, load_adapter, merge, save_adapter
-from model import load_model
+from checkpoints import load_model
 from quantize import NF4, NF4_BLOCK, NF4_MIDPOINTS, QUANTIZE_KINDS, QuantizedLinear, quantize_model, quantize_weight
 
 
