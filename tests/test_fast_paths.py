@@ -78,15 +78,14 @@ def test_right_padded_training_needs_no_attention_mask(name):
                 param.normal_(0.0, 0.2)
     idx, labels, mask = right_padded_batch(torch.Generator().manual_seed(2), [11, 4, 8], 11)
     real = mask.bool()
-    grads = []
-    for right_padded in (False, True):
+    grads, outputs = [], []
+    for right_padded in (False, True):  # the masked computation, then the mask-free one
         logits = model(idx, attention_mask=mask, right_padded=right_padded)
         logits[real].square().sum().backward()  # a function of the real tokens only
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        outputs.append(logits.detach())
         model.zero_grad(set_to_none=True)
-        if right_padded:
-            torch.testing.assert_close(logits[real], masked[real], rtol=1e-5, atol=1e-5)
-        masked = logits.detach()
+    torch.testing.assert_close(outputs[1][real], outputs[0][real], rtol=1e-5, atol=1e-5)
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for param_name in grads[0]:
         torch.testing.assert_close(grads[1][param_name], grads[0][param_name], rtol=1e-4, atol=1e-5)
