@@ -30,10 +30,11 @@ MARGIN = GiB
 # Bytes that training stores per block, per token and per unit of model width (k above),
 # measured with torch.autograd.graph.saved_tensors_hooks on this code with the paper's InterLoRA
 # (r=4 on q, v, down), loss included: LLaMA 98 / 77 / 56, GPT-J 85 / 72 / 45, rounded up
-# (tests/test_memory.py measures them again; dropout keeps a mask of one byte per value). Korthikanti et al. (2022, Table 2) count 34 for a
-# plain 16-bit Megatron layer; ours keep more because each adapter works on an fp32 copy of its
-# input unless autocast runs, and RMSNorm and rotary compute in fp32. Plain LoRA on q, v stores
-# about half as much, LoRA on all three FFN matrices (ffn-all) about 1.8 times as much.
+# (tests/test_memory.py measures them again; dropout keeps a mask of one byte per value).
+# Korthikanti et al. (2022, Table 2) count 34 for a plain 16-bit Megatron layer; ours keep more
+# because each adapter works on an fp32 copy of its input unless autocast runs, and RMSNorm and
+# rotary compute in fp32. Plain LoRA on q, v stores about half as much, LoRA on all three FFN
+# matrices (ffn-all) about 1.8 times as much.
 ACTIVATION_BYTES = {"fp32": 100, "16-bit": 79, "16-bit autocast": 57}
 
 

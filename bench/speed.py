@@ -414,17 +414,18 @@ def profile(s, config, dtype):
             synchronize(s.device)
         lines.append(f"{name}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     weight = model.output.weight.detach()  # (vocab, dim), as nn.Linear stores it
-    transposed, x = weight.t().contiguous(), torch.randn(1, weight.shape[1], device=s.device, dtype=dtype)
-    reduction = torch.compile(model_module.matrix_vector)  # the compiled decode step's product at batch 1
-    reduction(x, weight.T)
-    times = {what: 1e3 * statistics.median(seconds(fn, s.device) for _ in range(20)) for what, fn in [
-        ("x @ W^T, W stored (out, in) as nn.Linear (MKL)", lambda: x @ weight.T),
-        ("x @ W, W stored (in, out) (MKL)", lambda: x @ transposed),
-        ("multiply-and-sum over W's rows (inductor, the compiled decode step's)", lambda: reduction(x, weight.T)),
-        ("sum of W (a plain read)", weight.sum)]}
-    mb = weight.numel() * weight.element_size() / 1e6
-    lines.append(f"the output layer's product at batch 1 ({tuple(weight.shape)}, {mb:.0f} MB):\n" + "\n".join(
-        f"  {what}: {ms:.2f} ms, {mb / ms:.1f} GB/s" for what, ms in times.items()))
+    transposed, mb = weight.t().contiguous(), weight.numel() * weight.element_size() / 1e6
+    reduction = torch.compile(model_module.matrix_vector, dynamic=False)  # the compiled decode step's product
+    for rows in (1, 2, 4):  # model.MATRIX_VECTOR_ROWS: where the reduction stops being the faster
+        x = torch.randn(rows, weight.shape[1], device=s.device, dtype=dtype)
+        reduction(x, weight.T)
+        times = {what: 1e3 * statistics.median(seconds(fn, s.device) for _ in range(20)) for what, fn in [
+            ("x @ W^T, W stored (out, in) as nn.Linear (MKL)", lambda: x @ weight.T),
+            ("x @ W, W stored (in, out) (MKL)", lambda: x @ transposed),
+            ("multiply-and-sum over W's rows (inductor, the compiled decode step's)", lambda: reduction(x, weight.T)),
+            ("sum of W (a plain read)", weight.sum)]}
+        lines.append(f"the output layer's product at {rows} row(s) ({tuple(weight.shape)}, {mb:.0f} MB):\n" + "\n".join(
+            f"  {what}: {ms:.2f} ms, {mb / ms:.1f} GB/s of W" for what, ms in times.items()))
     return "\n\n".join(lines)
 
 

@@ -33,10 +33,11 @@ def one_thread_fresh_compiler():
     torch.set_num_threads(threads)
 
 
-def small_model(cfg, seed=0):
-    """A 2-layer LLaMA (dim 64) with randomised adapters: quick to compile, every code path exercised."""
+def small_model(cfg, seed=0, name="tiny"):
+    """A 2-layer LLaMA (or GPT-J: name tiny-gptj) of width 64 with randomised adapters: quick to compile, every
+    code path exercised."""
     torch.manual_seed(seed)
-    model = Transformer(ModelConfig(**{**PRESETS["tiny"], "dim": 64, "n_layer": 2, "ffn_dim": 160}))
+    model = Transformer(ModelConfig(**{**PRESETS[name], "dim": 64, "n_layer": 2, "ffn_dim": 160}))
     interlora.add_interlora(model, cfg)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -178,13 +179,7 @@ def test_decode_step_at_batch_one_computes_its_products_as_reductions(name):
     is read by a multiply-and-sum of its own: model.decode_backend) and gives eager's tokens; at three rows the
     matmuls are MKL's again."""
     from torch._inductor.utils import run_and_get_code
-    torch.manual_seed(0)
-    model = Transformer(ModelConfig(**{**PRESETS[name], "dim": 64, "n_layer": 2, "ffn_dim": 160})).eval()
-    interlora.add_interlora(model, InterLoRAConfig())
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            if "lora_B" in param_name:
-                param.normal_(0.0, 0.2)
+    model = small_model(InterLoRAConfig(), name=name).eval()
     kernels = {}
     for prompts in ([[5, 6, 7, 8, 9]], [[5, 6, 7], [8, 9, 10, 11]], [[5, 6, 7], [8, 9, 10], [40] * 9]):
         eager = model.generate(prompts, max_new_tokens=8)
