@@ -23,17 +23,17 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-import adapters  # noqa: E402
-import gates  # noqa: E402
+from machinery import adapters  # noqa: E402
+from machinery import gates  # noqa: E402
 import interlora  # noqa: E402
-import memory  # noqa: E402
-import runs  # noqa: E402
+from machinery import memory  # noqa: E402
+from machinery import runs  # noqa: E402
 from data import DataError, collate, generate_prompt, load_task, tokenize_item, tokenizer_for  # noqa: E402
-from memory import NotEnoughMemory  # noqa: E402
-from checkpoints import load_model, model_config  # noqa: E402
+from machinery.memory import NotEnoughMemory  # noqa: E402
+from machinery.checkpoints import load_model, model_config  # noqa: E402
 from model import CheckpointError  # noqa: E402
-from quantize import QUANTIZE_KINDS  # noqa: E402
-from runs import RunError  # noqa: E402
+from machinery.quantize import QUANTIZE_KINDS  # noqa: E402
+from machinery.runs import RunError  # noqa: E402
 
 PICTURE_SIZE = (8, 5)  # inches at 100 dpi: 800 x 500 pixels
 

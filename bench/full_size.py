@@ -40,8 +40,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as python bench/full_size.py
-import memory  # noqa: E402
-from checkpoints import load_model, model_config  # noqa: E402
+from machinery import memory  # noqa: E402
+from machinery.checkpoints import load_model, model_config  # noqa: E402
 from model import ModelConfig, Transformer  # noqa: E402
 
 GiB = 2 ** 30

@@ -64,7 +64,7 @@ import interlora  # noqa: E402
 from data import ByteTokenizer, generate_prompt, load_task, load_tokenizer  # noqa: E402
 import model as model_module  # noqa: E402
 from model import PRESETS, ModelConfig, Transformer  # noqa: E402
-from runs import RunError, choose_device, settings_from_command_line  # noqa: E402
+from machinery.runs import RunError, choose_device, settings_from_command_line  # noqa: E402
 
 
 @dataclass

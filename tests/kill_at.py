@@ -30,9 +30,9 @@ if rank and os.environ.get("RANK") != rank:  # not the process that dies: run as
     command.main(args)
     sys.exit()
 
-import adapters  # noqa: E402
+from machinery import adapters  # noqa: E402
 import model  # noqa: E402
-import runs  # noqa: E402
+from machinery import runs  # noqa: E402
 
 calls = {"count": 0, "armed": False}
 

@@ -19,16 +19,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import adapters
+from machinery import adapters
 import baselines
 import eval as evaluate_script
 import interlora
 import report
 import train as train_script
-from adapters import AdapterError
+from machinery.adapters import AdapterError
 from baselines import AdapterConfig, PrefixConfig, SeriesAdapter, add_adapter, add_prefix
 from conftest import ROOT, read_jsonl
-from checkpoints import load_checkpoint
+from machinery.checkpoints import load_checkpoint
 from model import PRESETS, ModelConfig, Transformer
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32: two computations of the same thing

@@ -15,8 +15,8 @@ import torch.nn as nn
 
 from bench import full_size, speed
 from conftest import shared_path
-from memory import weight_bytes
-from checkpoints import load_model, model_config
+from machinery.memory import weight_bytes
+from machinery.checkpoints import load_model, model_config
 from model import SHAPE_FIELDS, ModelConfig, Transformer
 
 TINY = ["--dim", "64", "--n_layer", "2", "--n_head", "4", "--ffn_dim", "128", "--vocab_size", "300",
@@ -144,7 +144,7 @@ def test_full_size_load_child_reports_or_refuses(tmp_path, capsys, monkeypatch):
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["model_bytes"] == sum(weight_bytes(SMALL_LLAMA, "bf16", "int8").values())
     assert report["load_s"] > 0 and report["rss_after_load"] > report["model_bytes"]
-    monkeypatch.setattr("memory.memory_available", lambda device: 2 ** 20)  # 1 MiB: nothing fits
+    monkeypatch.setattr("machinery.memory.memory_available", lambda device: 2 ** 20)  # 1 MiB: nothing fits
     full_size.main(["--folder", str(folder), "--load_child", "fp32", "none"])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["refused"].startswith("evaluation in fp32 needs")

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from conftest import shared_path
-from data import (COMMONSENSE_DATASETS, MATH_DATASETS, ByteTokenizer, DataError, collate, download, extract_answer,
+from machinery.download import download
+from data import (COMMONSENSE_DATASETS, MATH_DATASETS, ByteTokenizer, DataError, collate, extract_answer,
                   generate_prompt, is_correct, load_task, main, read_items, tokenize_item)
 
 # SPEC §3: the only sizes consistent with every accuracy in the paper's Table 1

@@ -11,12 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import gates
+from machinery import gates
 import interlora
 import report
 import train as train_script
 from conftest import read_jsonl
-from checkpoints import load_model
+from machinery.checkpoints import load_model
 
 SHORT = ["--model", "tiny", "--task", "math", "--micro_batch_size", "2", "--grad_accum", "2", "--lr", "1e-2",
          "--warmup_steps", "1", "--cutoff_len", "320", "--max_steps", "4", "--gate_log_every", "2"]

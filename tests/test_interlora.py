@@ -26,7 +26,7 @@ from interlora import (VARIANTS, AdapterError, InterLoRAConfig, InterLoRALinear,
                        adapter_state_dict, is_adapter_parameter, load_adapter, merge, read_adapter,
                        remove_interlora, save_adapter)
 from conftest import ROOT
-from checkpoints import load_checkpoint
+from machinery.checkpoints import load_checkpoint
 from model import PRESETS, ModelConfig, Transformer
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32 comparisons between two computations of the same thing

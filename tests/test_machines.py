@@ -10,11 +10,11 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import eval as evaluate_script
-import memory
+from machinery import memory
 import train as train_script
 from conftest import read_jsonl, shared_path
 from interlora import read_adapter
-from checkpoints import load_model
+from machinery.checkpoints import load_model
 
 SHORT = ["--model", "tiny", "--task", "math", "--micro_batch_size", "2", "--grad_accum", "2", "--lr", "1e-2",
          "--warmup_steps", "1", "--cutoff_len", "320", "--max_steps", "3"]

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import interlora
-from memory import (ACTIVATION_BYTES, DTYPES, NotEnoughMemory, check_memory, default_dtype, memory_available,
+from machinery.memory import (ACTIVATION_BYTES, DTYPES, NotEnoughMemory, check_memory, default_dtype, memory_available,
                     memory_needed, weight_bytes)
 from conftest import ROOT
-from checkpoints import load_model
+from machinery.checkpoints import load_model
 from model import ModelConfig, Transformer
-from quantize import QUANTIZE_KINDS, quantize_model
+from machinery.quantize import QUANTIZE_KINDS, quantize_model
 
 GiB = 2 ** 30
 CONFIGS = {name: ModelConfig.from_name(name) for name in ("tiny", "tiny-gptj", "llama-7b", "llama-13b", "gptj-6b")}
@@ -184,7 +184,7 @@ def test_nothing_fits_says_so():
 def test_a_run_that_fits_returns_its_parts(monkeypatch):
     parts = check_memory(CONFIGS["tiny"], "cpu", "fp32", available=2 * GiB)
     assert set(parts) == {"weights", "KV cache", "logits", "margin"}
-    monkeypatch.setattr("memory.memory_available", lambda device: None)  # e.g. not Linux: never refused
+    monkeypatch.setattr("machinery.memory.memory_available", lambda device: None)  # e.g. not Linux: never refused
     assert check_memory(CONFIGS["llama-13b"], "cpu", "fp32")["weights"] > 48 * GiB
 
 

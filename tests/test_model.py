@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import GPTJConfig, GPTJForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from checkpoints import StoredTensor, load_checkpoint, load_model, model_config
+from machinery.checkpoints import StoredTensor, load_checkpoint, load_model, model_config
 from model import CheckpointError, ModelConfig, Transformer
-from quantize import quantize_model
+from machinery.quantize import quantize_model
 
 VOCAB = 300        # even, so Meta's model-parallel split of `output` is exact
 DIM, N_LAYER, N_HEAD = 64, 2, 4
@@ -780,7 +780,7 @@ def test_fp16_files_load_in_any_dtype_and_quantized(saved, tmp_path, quantize):
 
 PEAK_WHILE_LOADING = """
 import sys, torch
-from checkpoints import load_checkpoint
+from machinery.checkpoints import load_checkpoint
 from model import ModelConfig, Transformer
 
 def status(key):

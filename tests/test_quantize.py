@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 import interlora
 from interlora import AdapterError, InterLoRAConfig, add_interlora, load_adapter, merge, save_adapter
-from checkpoints import load_model
-from quantize import NF4, NF4_BLOCK, NF4_MIDPOINTS, QUANTIZE_KINDS, QuantizedLinear, quantize_model, quantize_weight
+from machinery.checkpoints import load_model
+from machinery.quantize import NF4, NF4_BLOCK, NF4_MIDPOINTS, QUANTIZE_KINDS, QuantizedLinear, quantize_model, quantize_weight
 
 
 

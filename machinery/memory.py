@@ -21,7 +21,7 @@ from /proc/meminfo (CPU) or torch.cuda.mem_get_info (CUDA).
 """
 import torch
 
-from quantize import NF4_BLOCK, QUANTIZE_KINDS
+from machinery.quantize import NF4_BLOCK, QUANTIZE_KINDS
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GiB = 2 ** 30

@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 
 from model import PRESETS, RANDOM_PRESETS, SHAPE_FIELDS, CheckpointError, ModelConfig, Transformer
-from quantize import QUANTIZE_KINDS, Quantizer, quantize_model
+from machinery.quantize import QUANTIZE_KINDS, Quantizer, quantize_model
 
 
 # ----------------------------------------------------------------------------- reading files

@@ -20,7 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from runs import RunError
+from machinery.runs import RunError
 
 
 class PeerLost(RunError):

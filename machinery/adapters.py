@@ -23,7 +23,7 @@ import torch
 
 import baselines
 import interlora
-import runs
+from machinery import runs
 from baselines import AdapterConfig, BaselineError, PrefixConfig
 from interlora import AdapterError, InterLoRAConfig
 
