@@ -6,6 +6,7 @@ the prompt, batching, and the answer scoring the paper's tables use.
 The tokenizers need no third-party tokenizer library: LLaMA goes through sentencepiece,
 GPT-J through a GPT-2 byte-level BPE written below that gives the reference ids.
 """
+import base64
 import functools
 import json
 import os
@@ -25,7 +26,8 @@ class DataError(ValueError):
 
 
 # -----------------------------------------------------------------------------
-# Tokenizers. Each has vocab_size, bos_id, eos_id, pad_id, add_bos, encode, decode.
+# Tokenizers. Each has vocab_size, bos_id (None: no BOS), eos_id, pad_id, stop_ids (the ids
+# that end a generation), add_bos, encode, decode.
 
 class SentencePieceTokenizer:
     """LLaMA's tokenizer: a sentencepiece model, BOS/EOS ids taken from the model itself."""
@@ -38,6 +40,7 @@ class SentencePieceTokenizer:
         # LLaMA has no pad piece (pad_id() is -1); LLM-Adapters pads it with id 0 (unk)
         pad_id = self.processor.pad_id()
         self.pad_id = pad_id if pad_id >= 0 else 0
+        self.stop_ids = [self.eos_id]
         self.add_bos = True
 
     def encode(self, text, bos=None, eos=False):
@@ -53,6 +56,7 @@ class ByteTokenizer:
 
     def __init__(self):
         self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
+        self.stop_ids = [self.eos_id]
         self.vocab_size = 3 + 256
         self.add_bos = True
 
@@ -76,8 +80,8 @@ WHITESPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0
 
 
 @functools.lru_cache(maxsize=None)
-def gpt2_pretokenizer():
-    """The compiled GPT-2 pattern; built once, on first use (~0.1 s over all code points)."""
+def unicode_classes():
+    """Letters, numbers and whitespace as the inside of a [...] class (~0.1 s, built once)."""
     ranges = {"L": [], "N": []}  # major category -> [[first, last], ...] code point runs
     for code in range(0x110000):
         major = unicodedata.category(chr(code))[0]
@@ -89,9 +93,37 @@ def gpt2_pretokenizer():
                 runs.append([code, code])
     letters, numbers = ("".join(f"\\U{a:08x}-\\U{b:08x}" for a, b in ranges[m]) for m in "LN")
     space = "".join(f"\\U{ord(c):08x}" for c in WHITESPACE)
+    return letters, numbers, space
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_pretokenizer():
+    """The compiled GPT-2 pattern."""
+    letters, numbers, space = unicode_classes()
     return re.compile(
         rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{letters}]+| ?[{numbers}]+| ?[^{space}{letters}{numbers}]+"
         rf"|[{space}]+(?![^{space}])|[{space}]+")
+
+
+# Llama 3's pattern (Meta's tiktoken tokenizer and its tokenizer.json); Qwen2's is the same
+# with single digits (\p{N} instead of \p{N}{1,3}). These are the only Split patterns read.
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+@functools.lru_cache(maxsize=None)
+def split_pretokenizer(pattern):
+    """One of the two patterns above in Python's re, its classes spelled as GPT-2's are."""
+    if pattern not in (LLAMA3_PATTERN, QWEN2_PATTERN):
+        raise DataError(f"expected the pre-tokenizer pattern of Llama 3 or Qwen2, found {pattern!r}: "
+                        f"this tokenizer.json needs a pre-tokenizer this project does not implement")
+    L, N, S = unicode_classes()
+    digits = "{1,3}" if pattern == LLAMA3_PATTERN else ""
+    # (?i:...) is kept: Python's re folds case as the reference does (tested with 'S, 'ſ, 'K)
+    return re.compile(
+        rf"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n{L}{N}]?[{L}]+|[{N}]{digits}|"
+        rf" ?[^{S}{L}{N}]+[\r\n]*|[{S}]*[\r\n]+|[{S}]+(?![^{S}])|[{S}]+")
 
 
 def bytes_to_unicode():
@@ -110,40 +142,82 @@ def bytes_to_unicode():
 
 
 class BPETokenizer:
-    """GPT-2 / GPT-J byte-level BPE from vocab.json + merges.txt (+ added tokens)."""
+    """Byte-level BPE: GPT-2 / GPT-J (vocab.json + merges.txt, or tokenizer.json), and the
+    tokenizer.json of Llama 3 and Qwen2 (a Split pattern before the byte mapping)."""
 
     def __init__(self, folder):
         folder = Path(folder)
+        self.byte_to_char = bytes_to_unicode()
+        self.char_to_byte = {c: b for b, c in self.byte_to_char.items()}
+        self.normalize = None  # a str -> str applied to text outside added tokens, or None
         if (folder / "vocab.json").exists():
             self.token_to_id = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
             lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
-            merges = [tuple(line.split(" ")) for line in lines if line and not line.startswith("#version")]
+            merges = [tuple(line.split(" ")) for line in lines
+                      if line and not line.startswith("#version")]
+            self.pretokenizer, self.ignore_merges, template_bos = gpt2_pretokenizer(), False, None
         else:  # transformers 5 saves only tokenizer.json, which holds the same vocabulary and merges
-            bpe = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+            bpe, self.pretokenizer, self.normalize, template_bos = read_tokenizer_json(folder)
             self.token_to_id = bpe["vocab"]
             merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in bpe["merges"]]
-        self.merge_rank = {pair: rank for rank, pair in enumerate(merges)}
-        self.byte_to_char = bytes_to_unicode()
-        self.char_to_byte = {c: b for b, c in self.byte_to_char.items()}
+            # Llama 3's: a word that is itself in the vocabulary is one token, merges or not
+            self.ignore_merges = bool(bpe.get("ignore_merges"))
+        self.merge_rank = {tuple(pair): rank for rank, pair in enumerate(merges)}
         # check once here so that encode() can never meet a symbol outside the vocabulary
         symbols = [*self.byte_to_char.values(), *("".join(pair) for pair in merges)]
         missing = [s for s in symbols if s not in self.token_to_id]
         if any(len(pair) != 2 for pair in merges) or missing:
-            raise DataError(f"{folder}: expected a byte-level BPE (every byte and merge result in vocab.json, "
-                            f"'a b' lines in merges.txt), found {len(missing)} missing symbols such as "
-                            f"{missing[:3]}: use the vocab.json and merges.txt saved together with the model")
-        self.id_to_token = {i: t for t, i in self.token_to_id.items()}
-        self.added = read_added_tokens(folder)
+            raise DataError(f"{folder}: expected a byte-level BPE (every byte and merge result in "
+                            f"the vocabulary, 'a b' merges), found {len(missing)} missing symbols "
+                            f"such as {missing[:3]}: use the tokenizer files saved with the model")
+        added = read_added_tokens(folder)
+        if self.pretokenizer is gpt2_pretokenizer():
+            self.gpt2_specials(folder, added)
+        else:
+            self.set_specials(folder, added, template_bos)
+
+    def gpt2_specials(self, folder, added):
         # <|endoftext|> is GPT-2's only special token: BOS, EOS and (as in LLM-Adapters) pad
         eot = "<|endoftext|>"
-        if eot not in self.added and eot in self.token_to_id:
-            self.added[eot] = dict(id=self.token_to_id[eot], lstrip=False, rstrip=False,
-                                   single_word=False, normalized=False)
-        if eot not in self.added:
+        if eot not in added and eot in self.token_to_id:
+            added[eot] = dict(id=self.token_to_id[eot], lstrip=False, rstrip=False,
+                              single_word=False, normalized=False)
+        if eot not in added:
             raise DataError(f"{folder}: expected the token {eot} in vocab.json or the added tokens, "
                             f"found none: is this a GPT-2/GPT-J tokenizer folder?")
-        self.bos_id = self.eos_id = self.pad_id = self.added[eot]["id"]
+        self.set_added(added)
+        self.bos_id = self.eos_id = self.pad_id = added[eot]["id"]
+        self.stop_ids = [self.eos_id]
         self.add_bos = False  # GPT-J's tokenizer adds no BOS
+
+    def set_specials(self, folder, added, template_bos):
+        """bos/eos/pad/stop ids as transformers reads them from the folder's config files."""
+        self.set_added(added)
+        config = read_json(folder / "tokenizer_config.json")
+
+        def token_id(content):  # a config names a token by its text, or as {"content": ...}
+            content = content.get("content") if isinstance(content, dict) else content
+            return added[content]["id"] if content in added else self.token_to_id.get(content)
+
+        # Qwen2 says bos_token: null (no BOS); Llama 3's BOS comes from its post-processor
+        self.bos_id = token_id(config["bos_token"]) if "bos_token" in config else template_bos
+        self.add_bos = bool(config.get("add_bos_token", template_bos is not None))
+        self.add_bos = self.add_bos and self.bos_id is not None
+        self.eos_id = token_id(config.get("eos_token"))
+        if self.eos_id is None:
+            self.eos_id = next((added[t]["id"] for t in END_TOKENS if t in added), None)
+        if self.eos_id is None:
+            raise DataError(f"{folder}: expected an eos_token in tokenizer_config.json or one of "
+                            f"{END_TOKENS} among the added tokens, found neither: use the tokenizer "
+                            f"files saved with the model")
+        # Llama 3 has no pad token: pad with EOS, which the loss mask leaves out anyway
+        pad_id = token_id(config.get("pad_token"))
+        self.pad_id = self.eos_id if pad_id is None else pad_id
+        self.stop_ids = stop_ids(folder, self.eos_id, added)
+
+    def set_added(self, added):
+        self.added = added
+        self.id_to_token = {i: t for t, i in self.token_to_id.items()}
         self.id_to_added = {spec["id"]: content for content, spec in self.added.items()}
         self.vocab_size = 1 + max(*self.id_to_token, *self.id_to_added)
         # like the reference, first split on tokens matched in the raw text (normalized=False),
@@ -152,21 +226,27 @@ class BPETokenizer:
         for raw in (True, False):
             contents = [c for c, spec in self.added.items() if (not spec["normalized"]) == raw]
             contents.sort(key=len, reverse=True)
-            if contents:
-                self.added_patterns.append(re.compile("|".join(map(re.escape, contents))))
+            self.added_patterns.append(contents and re.compile("|".join(map(re.escape, contents))))
         self.cache = {}  # word -> ids: text repeats words, BPE per word is the slow part
+
+    def rank(self, pair):
+        """Which adjacent pair merges first: its line in merges.txt (None: never)."""
+        return self.merge_rank.get(pair)
 
     def bpe(self, word):
         """Ids of one pre-tokenized word, merging the lowest-ranked adjacent pair first."""
         if word in self.cache:
             return self.cache[word]
         parts = [self.byte_to_char[b] for b in word.encode("utf-8")]
-        # start from single bytes; a merge's rank is its line in merges.txt (lower merges first)
+        if self.ignore_merges and "".join(parts) in self.token_to_id:
+            parts = ["".join(parts)]
+        # start from single bytes; merge the pair of lowest rank while one has a rank
         while len(parts) > 1:
-            pairs = list(zip(parts, parts[1:]))
-            best = min(pairs, key=lambda pair: self.merge_rank.get(pair, float("inf")))
-            if best not in self.merge_rank:  # no adjacent pair has a merge: done
+            ranks = [(rank, pair) for pair in zip(parts, parts[1:])
+                     if (rank := self.rank(pair)) is not None]
+            if not ranks:  # no adjacent pair has a merge: done
                 break
+            best = min(ranks)[1]
             # merge every occurrence of the best pair, left to right
             merged, i = [], 0
             while i < len(parts):
@@ -202,18 +282,22 @@ class BPETokenizer:
 
     def encode(self, text, bos=None, eos=False):
         bos = self.add_bos if bos is None else bos
-        # added tokens are cut out first, so "<|endoftext|>" in text is one token, never BPE'd
-        pieces = [(text, None)]
-        for pattern in self.added_patterns:
+        # added tokens are cut out first, so "<|endoftext|>" in text is one token, never BPE'd;
+        # the normalizer (Qwen2's NFC) runs between raw-text tokens and normalized ones
+        raw, normalized = self.added_patterns
+        pieces = self.split_added(text, raw) if raw else [(text, None)]
+        if self.normalize:
+            pieces = [(self.normalize(p) if i is None else p, i) for p, i in pieces]
+        if normalized:
             pieces = [out for piece, i in pieces
-                      for out in ([(piece, i)] if i is not None else self.split_added(piece, pattern))]
-        ids = [self.bos_id] if bos else []
+                      for out in ([(piece, i)] if i is not None else self.split_added(piece, normalized))]
+        ids = [self.bos_id] if bos and self.bos_id is not None else []
         for piece, added_id in pieces:
             if added_id is not None:
                 ids.append(added_id)
                 continue
             # BPE never merges across words: "Ġthe" can form, "eĠt" cannot
-            for word in gpt2_pretokenizer().findall(piece):
+            for word in self.pretokenizer.findall(piece):
                 ids += self.bpe(word)
         return ids + [self.eos_id] * eos
 
@@ -257,6 +341,121 @@ def read_added_tokens(folder):
     return added
 
 
+def read_json(path):
+    """A config file's dict; {} when the folder does not have it."""
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def read_tokenizer_json(folder):
+    """(BPE model, pre-tokenizer regex, normalize or None, the post-processor's BOS id or None)
+    of a byte-level tokenizer.json; one line naming what was found for anything else."""
+    path = folder / "tokenizer.json"
+    spec = read_json(path)
+    bpe, pre, norm = spec.get("model") or {}, spec.get("pre_tokenizer") or {}, spec.get("normalizer")
+
+    def refuse(what, found):
+        raise DataError(f"{path}: expected {what}, found {found}: this tokenizer is not "
+                        f"implemented here (GPT-2, GPT-J, Llama 3 and Qwen2 are)")
+
+    unread = [k for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix",
+                          "byte_fallback") if bpe.get(k)]
+    if bpe.get("type") != "BPE" or unread:
+        refuse("a BPE model without dropout, affixes or byte fallback",
+               f"model type {bpe.get('type')} with {unread}")
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    level = parts[-1] if kinds[-1:] == ["ByteLevel"] else {}
+    if level.get("add_prefix_space"):
+        refuse("ByteLevel without add_prefix_space", "add_prefix_space true")
+    if kinds == ["ByteLevel"] and level.get("use_regex", True):
+        pretokenizer = gpt2_pretokenizer()
+    elif kinds == ["Split", "ByteLevel"] and not level.get("use_regex", True):
+        split = parts[0]
+        if split.get("behavior") != "Isolated" or split.get("invert") or "Regex" not in split["pattern"]:
+            refuse("Split(Regex, Isolated)", f"Split {split.get('behavior')} of {split['pattern']}")
+        pretokenizer = split_pretokenizer(split["pattern"]["Regex"])
+    else:
+        refuse("pre_tokenizer ByteLevel, or Sequence [Split, ByteLevel(use_regex false)]",
+               f"{pre.get('type')} {kinds}")
+    if norm is not None and norm.get("type") != "NFC":
+        refuse("normalizer null or NFC", f"normalizer {norm.get('type')}")
+    normalize = norm and functools.partial(unicodedata.normalize, "NFC")
+    # Llama 3's TemplateProcessing puts <|begin_of_text|> first in every single sequence
+    post = spec.get("post_processor") or {}
+    posts = post.get("processors", []) if post.get("type") == "Sequence" else [post]
+    template_bos = None
+    for processor in posts:
+        first = (processor.get("single") or [{}])[0] if processor.get("type") == "TemplateProcessing" else {}
+        if "SpecialToken" in first:
+            name = first["SpecialToken"]["id"]
+            template_bos = processor["special_tokens"][name]["ids"][0]
+    return bpe, pretokenizer, normalize, template_bos
+
+
+# tokens that end a training item, in the order tried when a folder names no eos_token
+END_TOKENS = ["<|end_of_text|>", "<|endoftext|>"]
+# an instruct model's end of turn (Llama 3's <|eot_id|>, <|eom_id|>; Qwen2's <|im_end|>)
+TURN_END_TOKENS = ["<|eot_id|>", "<|eom_id|>", "<|im_end|>"]
+
+
+def stop_ids(folder, eos_id, added):
+    """Ids that end a generation: eos, an instruct end of turn, and the configs' eos_token_id."""
+    stops = [eos_id] + [added[t]["id"] for t in TURN_END_TOKENS if t in added]
+    for name in ("generation_config.json", "config.json"):
+        listed = read_json(folder / name).get("eos_token_id")
+        stops += listed if isinstance(listed, list) else [] if listed is None else [listed]
+    return list(dict.fromkeys(stops))  # in order, once each
+
+
+# The 256 special tokens Meta's Llama 3.1+ tokenizer appends after the base ranks (128000 on);
+# Llama 3.0 names 128004, 128005, 128008 and 128010 reserved, with the same ids for the rest.
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+                   "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
+                   "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
+                   "<|python_tag|>"]
+LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + 256 - 11)]
+
+
+def is_tiktoken_file(path):
+    """Meta's Llama 3 tokenizer.model: 'base64-token rank' lines, not a sentencepiece proto."""
+    with open(path, "rb") as file:
+        first = file.readline(1000)
+    return re.fullmatch(rb"[A-Za-z0-9+/]+=* \d+\r?\n?", first) is not None
+
+
+class TiktokenTokenizer(BPETokenizer):
+    """Meta's Llama 3 tokenizer.model: BPE by ranks (merge the adjacent pair whose
+    concatenation has the lowest rank), Llama 3's pattern, Meta's 256 specials."""
+
+    def __init__(self, path):
+        path = Path(path)
+        self.byte_to_char = bytes_to_unicode()
+        self.char_to_byte = {c: b for b, c in self.byte_to_char.items()}
+        self.normalize, self.ignore_merges = None, True  # tiktoken looks a word up whole first
+        self.pretokenizer = split_pretokenizer(LLAMA3_PATTERN)
+        self.token_to_id = {}  # tokens as byte_to_char strings, so decode() is the BPE one
+        for number, line in enumerate(path.read_bytes().splitlines(), 1):
+            try:
+                token, rank = line.split()
+                self.token_to_id["".join(self.byte_to_char[b] for b in base64.b64decode(token))] = int(rank)
+            except ValueError:
+                raise DataError(f"{path}:{number}: expected 'base64-token rank' lines (Meta's Llama 3 "
+                                f"tokenizer.model), found {line[:40]!r}: is the file complete?") from None
+        missing = [c for c in self.byte_to_char.values() if c not in self.token_to_id]
+        if missing:
+            raise DataError(f"{path}: expected a rank for each of the 256 bytes, found {len(missing)} "
+                            f"missing: is this a byte-level tiktoken file?")
+        base = len(self.token_to_id)  # Meta: specials start right after the base ranks
+        flags = dict(lstrip=False, rstrip=False, single_word=False, normalized=False)
+        self.set_added({t: dict(flags, id=base + i) for i, t in enumerate(LLAMA3_SPECIALS)})
+        self.bos_id, self.eos_id = base, base + 1  # <|begin_of_text|>, <|end_of_text|>
+        self.pad_id, self.add_bos = self.eos_id, True  # no pad token: EOS, as tokenizer.json's
+        self.stop_ids = stop_ids(path.parent, self.eos_id, self.added)
+
+    def rank(self, pair):
+        return self.token_to_id.get(pair[0] + pair[1])
+
+
 def is_bpe_tokenizer_json(folder):
     path = folder / "tokenizer.json"
     return path.exists() and json.loads(path.read_text(encoding="utf-8")).get("model", {}).get("type") == "BPE"
@@ -269,13 +468,19 @@ def load_tokenizer(folder):
         raise DataError(f"tokenizer folder {folder} not found: pass the folder of the checkpoint")
     # the folder's own files first; Meta's LLaMA download keeps tokenizer.model one level up
     if (folder / "tokenizer.model").exists():
-        return SentencePieceTokenizer(folder / "tokenizer.model")
+        return model_file_tokenizer(folder / "tokenizer.model")
     if (folder / "vocab.json").exists() and (folder / "merges.txt").exists() or is_bpe_tokenizer_json(folder):
         return BPETokenizer(folder)
     if (folder.parent / "tokenizer.model").exists():
-        return SentencePieceTokenizer(folder.parent / "tokenizer.model")
-    raise DataError(f"{folder}: expected tokenizer.model (here or in its parent) or vocab.json + merges.txt, "
-                    f"found neither: point to the checkpoint folder that holds the tokenizer files")
+        return model_file_tokenizer(folder.parent / "tokenizer.model")
+    raise DataError(f"{folder}: expected tokenizer.model (here or in its parent), tokenizer.json or "
+                    f"vocab.json + merges.txt, found none: point to the checkpoint folder that "
+                    f"holds the tokenizer files")
+
+
+def model_file_tokenizer(path):
+    """Meta's Llama 3 tokenizer.model is tiktoken's text format, LLaMA 1/2's a sentencepiece proto."""
+    return TiktokenTokenizer(path) if is_tiktoken_file(path) else SentencePieceTokenizer(path)
 
 
 def tokenizer_for(checkpoint_dir):

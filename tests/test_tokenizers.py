@@ -1,5 +1,6 @@
 """Our tokenizers against the references: Hugging Face / `tokenizers` for GPT-2's byte-level
 BPE, sentencepiece itself for LLaMA, with the real vocabularies in ../shared/data."""
+import base64
 import json
 import random
 import shutil
@@ -9,8 +10,9 @@ import pytest
 import sentencepiece
 
 from conftest import shared_path
-from data import (BPETokenizer, ByteTokenizer, DataError, SentencePieceTokenizer, bytes_to_unicode,
-                  generate_prompt, gpt2_pretokenizer, load_tokenizer)
+from data import (LLAMA3_PATTERN, LLAMA3_SPECIALS, QWEN2_PATTERN, BPETokenizer, ByteTokenizer,
+                  DataError, SentencePieceTokenizer, TiktokenTokenizer, bytes_to_unicode,
+                  generate_prompt, gpt2_pretokenizer, load_tokenizer, split_pretokenizer)
 
 
 # Texts chosen for the places where a GPT-2 tokenizer usually goes wrong.
@@ -204,6 +206,193 @@ def test_bpe_trained_by_tokenizers_library(tmp_path):
         ids = ours.encode(text)
         assert ids == reference.encode(text).ids, repr(text)
         assert ours.decode(ids) == text
+
+
+# -----------------------------------------------------------------------------
+# Llama 3 and Qwen2: tokenizer.json with a Split pattern, and Meta's tiktoken tokenizer.model
+
+# where the Llama 3 / Qwen2 pattern differs from GPT-2's: case-insensitive contractions (and
+# the characters that fold to s and k), digit runs, a letter glued to one symbol, \r\n runs
+HARD_TEXTS = [
+    "DON'T I'LL WE'VE SHE'D THEY'RE IT'S I'M", "It'S wE'Ve", "'ſ 'K 'ſt", "12345678901 1234 12",
+    "٣٤٥٦٧ ١٢ x²½³ ⅷⅸ", "$100,000.00 + 3.14159e-10", "(a)[b]{c} .x ,y !z", "a\r\n\r\nb\r\n",
+    "\r\r\n\n \r\n  x", "tab\t\tx\t \ty", "spaces     five\n    four", "   \n", "\n   ",
+    "中文字符，标点。日本語のテキスト", "مرحبا بالعالم ١٢٣", "नमस्ते दुनिया", "e\u0301\u0301 a\u0308\u0323",
+    unicodedata.normalize("NFD", "Ångström café"), "emoji 😀🎉 👍🏽 👨‍👩‍👧‍👦 🇫🇷", "!!!\n\n???\r\n",
+    "<|begin_of_text|>Hi<|eot_id|>", "<|start_header_id|>user<|end_header_id|>\n\nHi?<|eot_id|>",
+    "x<|end_of_text|>y <|reserved_special_token_250|> <|eot_id|", "<|im_start|>user\nhi<|im_end|>\n",
+    "a<|endoftext|>b",
+]
+QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def test_split_patterns_classify_like_tokenizers():
+    tokenizers = pytest.importorskip("tokenizers")
+    text = "".join(HARD_TEXTS + CORPUS) + "".join("a" + chr(c) + "1" for c in range(0, 0x3000, 7))
+    for pattern in (LLAMA3_PATTERN, QWEN2_PATTERN):
+        split = tokenizers.pre_tokenizers.Split(tokenizers.Regex(pattern), behavior="isolated")
+        assert split_pretokenizer(pattern).findall(text) == [w for w, _ in split.pre_tokenize_str(text)]
+
+
+def train_split_bpe(pattern, specials, normalizer=None):
+    """A real tokenizer.json as Llama 3 / Qwen2 ship it, trained by `tokenizers` itself."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    reference = Tokenizer(models.BPE(ignore_merges=pattern == LLAMA3_PATTERN))
+    reference.normalizer = normalizer and normalizers.NFC()
+    reference.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    reference.decoder = decoders.ByteLevel()
+    # no specials in training: the base ids are 0..n-1, as tiktoken ranks are; specials after
+    trainer = trainers.BpeTrainer(vocab_size=900, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    rng = random.Random(RANDOM_SEED)
+    reference.train_from_iterator(CORPUS[::2] * 5 + HARD_TEXTS[::2] * 5 + random_texts(400, rng),
+                                  trainer)
+    reference.add_special_tokens(specials)
+    return reference
+
+
+@pytest.fixture(scope="module")
+def llama3_folder(tmp_path_factory):
+    pytest.importorskip("tokenizers")
+    from tokenizers import processors
+    folder = tmp_path_factory.mktemp("llama3")
+    reference = train_split_bpe(LLAMA3_PATTERN, LLAMA3_SPECIALS)
+    bos = reference.token_to_id("<|begin_of_text|>")
+    reference.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B:1",
+        special_tokens=[("<|begin_of_text|>", bos)])
+    reference.save(str(folder / "tokenizer.json"))
+    # Llama 3.1 Instruct's files: eos is the end of turn, generation stops on three ids
+    config = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token="<|begin_of_text|>",
+                  eos_token="<|eot_id|>")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "generation_config.json").write_text(json.dumps(dict(eos_token_id=[bos + 1, bos + 8, bos + 9])))
+    return folder
+
+
+def held_out_texts():
+    return HARD_TEXTS + CORPUS + random_texts(150, random.Random(RANDOM_SEED + 1))
+
+
+def test_llama3_tokenizer_json_matches_tokenizers(llama3_folder):
+    tokenizers = pytest.importorskip("tokenizers")
+    reference = tokenizers.Tokenizer.from_file(str(llama3_folder / "tokenizer.json"))
+    ours = load_tokenizer(llama3_folder)
+    assert isinstance(ours, BPETokenizer) and ours.ignore_merges and len(ours.merge_rank) > 300
+    base = reference.token_to_id("<|begin_of_text|>")
+    assert ours.vocab_size == reference.get_vocab_size() == base + 256
+    for text in held_out_texts():
+        ids = ours.encode(text)
+        assert ids == reference.encode(text).ids and ids[0] == base, repr(text)  # BOS from the template
+        assert ours.encode(text, bos=False, eos=True) == reference.encode(text, add_special_tokens=False).ids + [ours.eos_id]
+        assert ours.decode(ids[1:]) == text == reference.decode(ids[1:], skip_special_tokens=False), repr(text)
+
+
+def test_llama3_special_ids_as_transformers_reads_them(llama3_folder, transformers):
+    reference = transformers.AutoTokenizer.from_pretrained(str(llama3_folder))
+    ours = load_tokenizer(llama3_folder)
+    base = ours.vocab_size - 256
+    assert (ours.bos_id, ours.eos_id) == (reference.bos_token_id, reference.eos_token_id) == (base, base + 9)
+    assert reference.pad_token_id is None and ours.pad_id == ours.eos_id  # no pad token: EOS pads
+    assert ours.add_bos and ours.stop_ids == [base + 9, base + 8, base + 1]
+    text = "<|start_header_id|>user<|end_header_id|>\n\nHow many? 12345<|eot_id|>"
+    assert ours.encode(text) == reference.encode(text)
+
+
+def test_qwen2_tokenizer_json_matches_tokenizers(tmp_path, transformers):
+    tokenizers = pytest.importorskip("tokenizers")
+    reference = train_split_bpe(QWEN2_PATTERN, QWEN2_SPECIALS, normalizer="NFC")
+    reference.save(str(tmp_path / "tokenizer.json"))
+    config = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=None, eos_token="<|endoftext|>",
+                  pad_token="<|endoftext|>", add_bos_token=False)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    eot, im_end = reference.token_to_id("<|endoftext|>"), reference.token_to_id("<|im_end|>")
+    (tmp_path / "config.json").write_text(json.dumps(dict(eos_token_id=eot)))
+    ours = load_tokenizer(tmp_path)
+    assert ours.normalize is not None and not ours.ignore_merges
+    for text in held_out_texts() + ["123456", "café"]:
+        ids = ours.encode(text)
+        assert ids == reference.encode(text).ids, repr(text)
+        # NFC: decoding gives the composed text, as the reference's does
+        assert ours.decode(ids) == reference.decode(ids, skip_special_tokens=False), repr(text)
+    assert ours.encode("2024") == [reference.token_to_id(d) for d in "2024"]  # single digits
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (ours.bos_id, hf.bos_token_id, ours.add_bos) == (None, None, False)
+    assert (ours.eos_id, ours.pad_id) == (hf.eos_token_id, hf.pad_token_id) == (eot, eot)
+    assert ours.stop_ids == [eot, im_end] and ours.encode("x", eos=True)[-1] == eot
+
+
+def write_tiktoken_file(path, reference):
+    """The tokenizer.json's base vocabulary as Meta writes tokenizer.model: base64 bytes, rank."""
+    char_to_byte = {c: b for b, c in bytes_to_unicode().items()}
+    vocab = {t: i for t, i in reference.get_vocab(with_added_tokens=False).items()}
+    ranks = {bytes(char_to_byte[c] for c in token): i for token, i in vocab.items()}
+    assert sorted(ranks.values()) == list(range(len(ranks)))  # dense, as tiktoken's are
+    lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in
+             sorted(ranks.items(), key=lambda item: item[1])]
+    path.write_text("\n".join(lines) + "\n")
+    return ranks
+
+
+def test_tiktoken_tokenizer_model_matches_tiktoken(tmp_path, llama3_folder):
+    tiktoken = pytest.importorskip("tiktoken")
+    tokenizers = pytest.importorskip("tokenizers")
+    reference_json = tokenizers.Tokenizer.from_file(str(llama3_folder / "tokenizer.json"))
+    ranks = write_tiktoken_file(tmp_path / "tokenizer.model", reference_json)
+    specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
+    reference = tiktoken.Encoding("llama3-tiny", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                                  special_tokens=specials)
+    (tmp_path / "original").mkdir()  # Meta's layout names no configs: the defaults must hold
+    ours = load_tokenizer(tmp_path / "original")
+    assert isinstance(ours, TiktokenTokenizer)
+    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (len(ranks), len(ranks) + 1, len(ranks) + 1)
+    assert ours.stop_ids == [len(ranks) + 1, len(ranks) + 9, len(ranks) + 8]
+    assert ours.vocab_size == reference.n_vocab == len(ranks) + 256
+    # Meta's ids (128000 + i): 128001 end of text, 128006/7 headers, 128008 eom, 128009 eot
+    named = {t: i - len(ranks) for t, i in specials.items() if "reserved" not in t}
+    assert [named[t] for t in ("<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                               "<|eom_id|>", "<|eot_id|>", "<|python_tag|>")] == [1, 6, 7, 8, 9, 10]
+    for text in held_out_texts():
+        ids = ours.encode(text, bos=False)
+        assert ids == reference.encode(text, allowed_special="all"), repr(text)
+        assert ours.decode(ids) == text == reference.decode(ids), repr(text)
+        assert ours.encode(text)[0] == len(ranks)
+    # Meta's real ranks are the ones the tokenizer.json was converted from, so the two agree
+    # wherever the trained merges are what the ranks imply (most words); at least here:
+    for text in ["Hello world", "it's 2024", "日本語"]:
+        assert ours.encode(text) == reference_json.encode(text).ids
+
+
+def test_tokenizer_json_refusals(tmp_path, llama3_folder):
+    spec = json.loads((llama3_folder / "tokenizer.json").read_text())
+    changes = {
+        "pattern": lambda s: s["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=r"\w+|\s+"),
+        "Metaspace": lambda s: s.update(pre_tokenizer=dict(type="Metaspace", replacement="▁")),
+        "NFKC": lambda s: s.update(normalizer=dict(type="NFKC")),
+        "WordPiece": lambda s: s["model"].update(type="WordPiece"),
+        "Removed": lambda s: s["pre_tokenizer"]["pretokenizers"][0].update(behavior="Removed"),
+    }
+    for found, change in changes.items():
+        broken = json.loads(json.dumps(spec))
+        change(broken)
+        (tmp_path / "tokenizer.json").write_text(json.dumps(broken))
+        with pytest.raises(DataError) as error:
+            BPETokenizer(tmp_path)
+        message = str(error.value)
+        assert found in message and "expected" in message and "\n" not in message, message
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "tokenizer.model").write_text("aGk= 0\nbroken\n")
+    with pytest.raises(DataError) as error:
+        load_tokenizer(tmp_path)
+    assert "tokenizer.model:2" in str(error.value) and "base64" in str(error.value)
+
+
+def test_every_tokenizer_has_stop_ids(spm_file, gpt2_ours):
+    assert ByteTokenizer().stop_ids == [2]
+    assert SentencePieceTokenizer(spm_file).stop_ids == [2]
+    assert gpt2_ours.stop_ids == [50256]
 
 
 # -----------------------------------------------------------------------------
