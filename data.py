@@ -116,8 +116,9 @@ QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 def split_pretokenizer(pattern):
     """One of the two patterns above in Python's re, its classes spelled as GPT-2's are."""
     if pattern not in (LLAMA3_PATTERN, QWEN2_PATTERN):
-        raise DataError(f"expected the pre-tokenizer pattern of Llama 3 or Qwen2, found {pattern!r}: "
-                        f"this tokenizer.json needs a pre-tokenizer this project does not implement")
+        raise DataError(f"expected the pre-tokenizer pattern of Llama 3 or Qwen2, found "
+                        f"{pattern!r}: this tokenizer.json needs a pre-tokenizer not implemented "
+                        f"here")
     L, N, S = unicode_classes()
     digits = "{1,3}" if pattern == LLAMA3_PATTERN else ""
     # (?i:...) is kept: Python's re folds case as the reference does (tested with 'S, 'ſ, 'K)
@@ -208,8 +209,8 @@ class BPETokenizer:
             self.eos_id = next((added[t]["id"] for t in END_TOKENS if t in added), None)
         if self.eos_id is None:
             raise DataError(f"{folder}: expected an eos_token in tokenizer_config.json or one of "
-                            f"{END_TOKENS} among the added tokens, found neither: use the tokenizer "
-                            f"files saved with the model")
+                            f"{END_TOKENS} among the added tokens, found neither: use the "
+                            f"tokenizer files saved with the model")
         # Llama 3 has no pad token: pad with EOS, which the loss mask leaves out anyway
         pad_id = token_id(config.get("pad_token"))
         self.pad_id = self.eos_id if pad_id is None else pad_id
@@ -289,8 +290,8 @@ class BPETokenizer:
         if self.normalize:
             pieces = [(self.normalize(p) if i is None else p, i) for p, i in pieces]
         if normalized:
-            pieces = [out for piece, i in pieces
-                      for out in ([(piece, i)] if i is not None else self.split_added(piece, normalized))]
+            pieces = [out for piece, i in pieces for out in
+                      ([(piece, i)] if i is not None else self.split_added(piece, normalized))]
         ids = [self.bos_id] if bos and self.bos_id is not None else []
         for piece, added_id in pieces:
             if added_id is not None:
@@ -351,7 +352,8 @@ def read_tokenizer_json(folder):
     of a byte-level tokenizer.json; one line naming what was found for anything else."""
     path = folder / "tokenizer.json"
     spec = read_json(path)
-    bpe, pre, norm = spec.get("model") or {}, spec.get("pre_tokenizer") or {}, spec.get("normalizer")
+    bpe, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
+    norm = spec.get("normalizer")
 
     def refuse(what, found):
         raise DataError(f"{path}: expected {what}, found {found}: this tokenizer is not "
@@ -371,7 +373,8 @@ def read_tokenizer_json(folder):
         pretokenizer = gpt2_pretokenizer()
     elif kinds == ["Split", "ByteLevel"] and not level.get("use_regex", True):
         split = parts[0]
-        if split.get("behavior") != "Isolated" or split.get("invert") or "Regex" not in split["pattern"]:
+        if (split.get("behavior") != "Isolated" or split.get("invert")
+                or "Regex" not in split["pattern"]):
             refuse("Split(Regex, Isolated)", f"Split {split.get('behavior')} of {split['pattern']}")
         pretokenizer = split_pretokenizer(split["pattern"]["Regex"])
     else:
@@ -385,7 +388,9 @@ def read_tokenizer_json(folder):
     posts = post.get("processors", []) if post.get("type") == "Sequence" else [post]
     template_bos = None
     for processor in posts:
-        first = (processor.get("single") or [{}])[0] if processor.get("type") == "TemplateProcessing" else {}
+        if processor.get("type") != "TemplateProcessing":
+            continue
+        first = (processor.get("single") or [{}])[0]
         if "SpecialToken" in first:
             name = first["SpecialToken"]["id"]
             template_bos = processor["special_tokens"][name]["ids"][0]
@@ -437,14 +442,16 @@ class TiktokenTokenizer(BPETokenizer):
         for number, line in enumerate(path.read_bytes().splitlines(), 1):
             try:
                 token, rank = line.split()
-                self.token_to_id["".join(self.byte_to_char[b] for b in base64.b64decode(token))] = int(rank)
+                chars = "".join(self.byte_to_char[b] for b in base64.b64decode(token))
+                self.token_to_id[chars] = int(rank)
             except ValueError:
-                raise DataError(f"{path}:{number}: expected 'base64-token rank' lines (Meta's Llama 3 "
-                                f"tokenizer.model), found {line[:40]!r}: is the file complete?") from None
+                raise DataError(f"{path}:{number}: expected 'base64-token rank' lines (Meta's "
+                                f"Llama 3 tokenizer.model), found {line[:40]!r}: is the file "
+                                f"complete?") from None
         missing = [c for c in self.byte_to_char.values() if c not in self.token_to_id]
         if missing:
-            raise DataError(f"{path}: expected a rank for each of the 256 bytes, found {len(missing)} "
-                            f"missing: is this a byte-level tiktoken file?")
+            raise DataError(f"{path}: expected a rank for each of the 256 bytes, found "
+                            f"{len(missing)} missing: is this a byte-level tiktoken file?")
         base = len(self.token_to_id)  # Meta: specials start right after the base ranks
         flags = dict(lstrip=False, rstrip=False, single_word=False, normalized=False)
         self.set_added({t: dict(flags, id=base + i) for i, t in enumerate(LLAMA3_SPECIALS)})
@@ -473,13 +480,13 @@ def load_tokenizer(folder):
         return BPETokenizer(folder)
     if (folder.parent / "tokenizer.model").exists():
         return model_file_tokenizer(folder.parent / "tokenizer.model")
-    raise DataError(f"{folder}: expected tokenizer.model (here or in its parent), tokenizer.json or "
-                    f"vocab.json + merges.txt, found none: point to the checkpoint folder that "
+    raise DataError(f"{folder}: expected tokenizer.model (here or in its parent), tokenizer.json "
+                    f"or vocab.json + merges.txt, found none: point to the checkpoint folder that "
                     f"holds the tokenizer files")
 
 
 def model_file_tokenizer(path):
-    """Meta's Llama 3 tokenizer.model is tiktoken's text format, LLaMA 1/2's a sentencepiece proto."""
+    """Meta's Llama 3 tokenizer.model is tiktoken's text format; LLaMA 1/2's is a proto."""
     return TiktokenTokenizer(path) if is_tiktoken_file(path) else SentencePieceTokenizer(path)
 
 

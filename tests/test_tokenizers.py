@@ -220,7 +220,8 @@ HARD_TEXTS = [
     "中文字符，标点。日本語のテキスト", "مرحبا بالعالم ١٢٣", "नमस्ते दुनिया", "e\u0301\u0301 a\u0308\u0323",
     unicodedata.normalize("NFD", "Ångström café"), "emoji 😀🎉 👍🏽 👨‍👩‍👧‍👦 🇫🇷", "!!!\n\n???\r\n",
     "<|begin_of_text|>Hi<|eot_id|>", "<|start_header_id|>user<|end_header_id|>\n\nHi?<|eot_id|>",
-    "x<|end_of_text|>y <|reserved_special_token_250|> <|eot_id|", "<|im_start|>user\nhi<|im_end|>\n",
+    "x<|end_of_text|>y <|reserved_special_token_250|> <|eot_id|",  # 250: not a special
+    "<|im_start|>user\nhi<|im_end|>\n",
     "a<|endoftext|>b",
 ]
 QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -231,7 +232,8 @@ def test_split_patterns_classify_like_tokenizers():
     text = "".join(HARD_TEXTS + CORPUS) + "".join("a" + chr(c) + "1" for c in range(0, 0x3000, 7))
     for pattern in (LLAMA3_PATTERN, QWEN2_PATTERN):
         split = tokenizers.pre_tokenizers.Split(tokenizers.Regex(pattern), behavior="isolated")
-        assert split_pretokenizer(pattern).findall(text) == [w for w, _ in split.pre_tokenize_str(text)]
+        reference = [word for word, _ in split.pre_tokenize_str(text)]
+        assert split_pretokenizer(pattern).findall(text) == reference
 
 
 def train_split_bpe(pattern, specials, normalizer=None):
@@ -268,7 +270,8 @@ def llama3_folder(tmp_path_factory):
     config = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token="<|begin_of_text|>",
                   eos_token="<|eot_id|>")
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    (folder / "generation_config.json").write_text(json.dumps(dict(eos_token_id=[bos + 1, bos + 8, bos + 9])))
+    generation = dict(eos_token_id=[bos + 1, bos + 8, bos + 9])
+    (folder / "generation_config.json").write_text(json.dumps(generation))
     return folder
 
 
@@ -285,16 +288,18 @@ def test_llama3_tokenizer_json_matches_tokenizers(llama3_folder):
     assert ours.vocab_size == reference.get_vocab_size() == base + 256
     for text in held_out_texts():
         ids = ours.encode(text)
-        assert ids == reference.encode(text).ids and ids[0] == base, repr(text)  # BOS from the template
-        assert ours.encode(text, bos=False, eos=True) == reference.encode(text, add_special_tokens=False).ids + [ours.eos_id]
-        assert ours.decode(ids[1:]) == text == reference.decode(ids[1:], skip_special_tokens=False), repr(text)
+        assert ids == reference.encode(text).ids and ids[0] == base, repr(text)  # template's BOS
+        body = reference.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text, bos=False, eos=True) == body + [ours.eos_id]
+        assert ours.decode(body) == text == reference.decode(body, skip_special_tokens=False)
 
 
 def test_llama3_special_ids_as_transformers_reads_them(llama3_folder, transformers):
     reference = transformers.AutoTokenizer.from_pretrained(str(llama3_folder))
     ours = load_tokenizer(llama3_folder)
     base = ours.vocab_size - 256
-    assert (ours.bos_id, ours.eos_id) == (reference.bos_token_id, reference.eos_token_id) == (base, base + 9)
+    assert (ours.bos_id, ours.eos_id) == (reference.bos_token_id, reference.eos_token_id)
+    assert (ours.bos_id, ours.eos_id) == (base, base + 9)
     assert reference.pad_token_id is None and ours.pad_id == ours.eos_id  # no pad token: EOS pads
     assert ours.add_bos and ours.stop_ids == [base + 9, base + 8, base + 1]
     text = "<|start_header_id|>user<|end_header_id|>\n\nHow many? 12345<|eot_id|>"
@@ -305,8 +310,8 @@ def test_qwen2_tokenizer_json_matches_tokenizers(tmp_path, transformers):
     tokenizers = pytest.importorskip("tokenizers")
     reference = train_split_bpe(QWEN2_PATTERN, QWEN2_SPECIALS, normalizer="NFC")
     reference.save(str(tmp_path / "tokenizer.json"))
-    config = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=None, eos_token="<|endoftext|>",
-                  pad_token="<|endoftext|>", add_bos_token=False)
+    config = dict(tokenizer_class="PreTrainedTokenizerFast", bos_token=None,
+                  eos_token="<|endoftext|>", pad_token="<|endoftext|>", add_bos_token=False)
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     eot, im_end = reference.token_to_id("<|endoftext|>"), reference.token_to_id("<|im_end|>")
     (tmp_path / "config.json").write_text(json.dumps(dict(eos_token_id=eot)))
@@ -368,7 +373,8 @@ def test_tiktoken_tokenizer_model_matches_tiktoken(tmp_path, llama3_folder):
 def test_tokenizer_json_refusals(tmp_path, llama3_folder):
     spec = json.loads((llama3_folder / "tokenizer.json").read_text())
     changes = {
-        "pattern": lambda s: s["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(Regex=r"\w+|\s+"),
+        "pattern": lambda s: s["pre_tokenizer"]["pretokenizers"][0]["pattern"].update(
+            Regex=r"\w+|\s+"),
         "Metaspace": lambda s: s.update(pre_tokenizer=dict(type="Metaspace", replacement="▁")),
         "NFKC": lambda s: s.update(normalizer=dict(type="NFKC")),
         "WordPiece": lambda s: s["model"].update(type="WordPiece"),
