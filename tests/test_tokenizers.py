@@ -329,11 +329,18 @@ def test_qwen2_tokenizer_json_matches_tokenizers(tmp_path, transformers):
     assert ours.stop_ids == [eot, im_end] and ours.encode("x", eos=True)[-1] == eot
 
 
+# a word no merges reach: tiktoken looks a word up whole before it merges bytes
+UNREACHABLE = b"zqxjzqxj"
+
+
 def write_tiktoken_file(path, reference):
-    """The tokenizer.json's base vocabulary as Meta writes tokenizer.model: base64 bytes, rank."""
+    """The tokenizer.json's base vocabulary as Meta writes tokenizer.model: base64 bytes, rank,
+    plus one token that only the whole-word lookup finds."""
     char_to_byte = {c: b for b, c in bytes_to_unicode().items()}
     vocab = {t: i for t, i in reference.get_vocab(with_added_tokens=False).items()}
     ranks = {bytes(char_to_byte[c] for c in token): i for token, i in vocab.items()}
+    assert UNREACHABLE not in ranks and b"zq" not in ranks
+    ranks[UNREACHABLE] = len(ranks)
     assert sorted(ranks.values()) == list(range(len(ranks)))  # dense, as tiktoken's are
     lines = [f"{base64.b64encode(token).decode()} {rank}" for token, rank in
              sorted(ranks.items(), key=lambda item: item[1])]
@@ -359,15 +366,17 @@ def test_tiktoken_tokenizer_model_matches_tiktoken(tmp_path, llama3_folder):
     named = {t: i - len(ranks) for t, i in specials.items() if "reserved" not in t}
     assert [named[t] for t in ("<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
                                "<|eom_id|>", "<|eot_id|>", "<|python_tag|>")] == [1, 6, 7, 8, 9, 10]
-    for text in held_out_texts():
+    assert ours.encode(UNREACHABLE.decode(), bos=False) == [len(ranks) - 1]
+    for text in held_out_texts() + ["a zqxjzqxj zqxjzqxjs"]:
         ids = ours.encode(text, bos=False)
         assert ids == reference.encode(text, allowed_special="all"), repr(text)
         assert ours.decode(ids) == text == reference.decode(ids), repr(text)
         assert ours.encode(text)[0] == len(ranks)
     # Meta's real ranks are the ones the tokenizer.json was converted from, so the two agree
     # wherever the trained merges are what the ranks imply (most words); at least here:
-    for text in ["Hello world", "it's 2024", "日本語"]:
-        assert ours.encode(text) == reference_json.encode(text).ids
+    for text in ["Hello world", "it's 2024", "日本語"]:  # (no "zqxj" here)
+        json_ids = reference_json.encode(text, add_special_tokens=False).ids
+        assert ours.encode(text, bos=False) == json_ids
 
 
 def test_tokenizer_json_refusals(tmp_path, llama3_folder):
