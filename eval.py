@@ -270,12 +270,12 @@ def generate_predictions(model, tokenizer, s, e, group, todo, done):
     try:
         with tqdm(total=len(todo), desc="eval", dynamic_ncols=True, disable=not main_process) as bar, autocast:
             for positions, outputs in model.generate_batches(encoded, s.batch_size, e.max_new_tokens, rank, world_size,
-                                                             eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                                                             eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
                                                              compile=s.compile):
                 records = []
                 for position, new_tokens in zip(positions, outputs):
                     name, index = key = todo[position]
-                    if new_tokens and new_tokens[-1] == tokenizer.eos_id:
+                    if new_tokens and new_tokens[-1] in tokenizer.stop_ids:
                         new_tokens = new_tokens[:-1]
                     response = tokenizer.decode(new_tokens)
                     answer = e.items[name][index]["answer"]

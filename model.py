@@ -347,8 +347,8 @@ class Transformer(nn.Module):
         """New tokens for each prompt (a list of token-id lists of any lengths).
 
         The prompts are left-padded into one batch, run once (prefill), then decoded one token
-        per step with the KV cache. A row stops at eos_id (which it keeps, as transformers
-        does); the loop ends when every row has stopped. temperature 0 is greedy decoding.
+        per step with the KV cache. A row stops at eos_id, an id or a list of them (a
+        tokenizer's stop_ids), which it keeps, as transformers does; the loop ends when every row has stopped. temperature 0 is greedy decoding.
         compile=True runs the decode steps through compiled_decode_step().
         """
         if not prompts or any(len(p) == 0 for p in prompts):
@@ -356,6 +356,10 @@ class Transformer(nn.Module):
         if max_new_tokens <= 0:
             return [[] for _ in prompts]
         device = self.tok_embeddings.weight.device
+        stops = [] if eos_id is None else [eos_id]
+        if isinstance(eos_id, (list, tuple)):
+            stops = list(eos_id)
+        stop_ids = torch.tensor(stops, dtype=torch.long, device=device)  # (number of stops,)
         B, prompt_len = len(prompts), max(len(p) for p in prompts)
         idx = torch.full((B, prompt_len), pad_id, dtype=torch.long, device=device)
         mask = torch.zeros((B, prompt_len), dtype=torch.bool, device=device)
@@ -376,8 +380,7 @@ class Transformer(nn.Module):
                 token = self._pick(logits, temperature, top_k, generator)  # (B,)
                 token = torch.where(done, pad_id, token)  # finished rows only carry padding
                 new_tokens.append(token)
-                if eos_id is not None:
-                    done |= token == eos_id
+                done |= torch.isin(token, stop_ids)
                 # done.all() waits for the device: look only every 8 steps (extra tokens are cut below)
                 if step == max_new_tokens - 1 or (step % 8 == 7 and done.all()):
                     break
@@ -389,8 +392,9 @@ class Transformer(nn.Module):
         out = torch.stack(new_tokens, dim=1).tolist()  # (B, steps)
         results = []
         for row in out:
-            if eos_id is not None and eos_id in row:
-                row = row[: row.index(eos_id) + 1]
+            ends = [i for i, t in enumerate(row) if t in stops]
+            if ends:
+                row = row[: ends[0] + 1]
             results.append(row)
         return results
 

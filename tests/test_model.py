@@ -269,6 +269,14 @@ def test_generation_stops_at_eos_like_transformers(loaded, kind):
     expected = [row[: row.index(eos) + 1] if eos in row else row for row in expected]  # drop HF's padding
     assert expected[0][-1] == eos and len(expected[0]) < 20
     assert model.generate(rows, 20, eos_id=eos) == expected
+    # a list of stops (stop_ids): each row ends at the first of any, as transformers' list does
+    free = hf_greedy(hf_model, torch.tensor([rows[1]]))[0]
+    other = next(t for t in free[2:] if t not in free[:2] and t != eos)
+    expected = hf_greedy(hf_model, idx, attention_mask=mask, eos_token_id=[eos, other])
+    expected = [next((row[:i + 1] for i, t in enumerate(row) if t in (eos, other)), row)
+                for row in expected]
+    assert expected[1][-1] == other  # the second stop is what ends row 1
+    assert model.generate(rows, 20, eos_id=[eos, other]) == expected
 
 
 # ----------------------------------------------------------------------------- other checkpoint layouts
