@@ -11,6 +11,8 @@ The promises kept here, each backed by a test (tests/test_faults.py):
   given the permissions a plainly created file would get (the umask's), then renamed. A
   reader sees the old file or the new one; a failed write names the file and the cause and
   leaves the old file and no temporary file.
+- Every number saved is finite: no tensor file holds a NaN or an infinity, no JSON file a bare
+  NaN (allow_nan=False), and an adapter whose weights ran past ADAPTER_BOUND is never saved.
 """
 import argparse
 import fcntl
@@ -213,12 +215,58 @@ def write_atomically(path, write, binary=False):
             os.unlink(temp)
 
 
+# ----------------------------------------------------------------------------- finite numbers
+
+# The largest |weight| a saved adapter may hold. Past it the run has diverged: AdamW moves each
+# weight by about lr per step whatever the gradient (Adam's step is normalised, and train.py
+# clips the gradient first), so from an initial |w| <= 1 a weight reaches 1e4 only after
+# lr x steps ~ 1e4: 3e7 steps at the default 3e-4. One step at --lr 1e10 lands at ~1e10. And
+# 1e4 keeps a merged update inside fp16's range (65504) with room to spare.
+ADAPTER_BOUND = 1e4
+
+
+def tensors_in(obj, name=""):
+    """(name, tensor) for every tensor in nested dicts, lists and tuples (an optimizer's state)."""
+    if torch.is_tensor(obj):
+        yield name, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from tensors_in(value, f"{name}.{key}" if name else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            yield from tensors_in(value, f"{name}.{index}" if name else str(index))
+
+
+def bad_numbers(obj, bound=None):
+    """Why `obj` must not be saved (a tensor holding a NaN or an infinity, or a value past
+    `bound` in size), or None when every number in it is fine."""
+    for name, tensor in tensors_in(obj):
+        if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
+            continue  # integers are always finite
+        tensor = tensor.detach()
+        finite = torch.isfinite(tensor)
+        if not finite.all():
+            return f"{name} holds {int((~finite).sum()):,} non-finite numbers of {tensor.numel():,}"
+        largest = tensor.abs().max().item()
+        if bound is not None and largest > bound:
+            return f"{name} holds a weight of {largest:.3g}, past the {bound:g} of any sane adapter"
+    return None
+
+
+def json_text(obj, path, **options):
+    """json.dumps that refuses NaN and infinity (bare NaN is no JSON: other readers reject it)."""
+    try:
+        return json.dumps(obj, allow_nan=False, **options)
+    except ValueError:
+        raise RunError(f"not writing {path}: it would hold a NaN or an infinity (a diverged run?)") from None
+
+
 def write_text(path, text):
     write_atomically(path, lambda f: f.write(text))
 
 
 def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2) + "\n")
+    write_text(path, json_text(obj, path, indent=2) + "\n")
 
 
 def save_torch(path, obj):
@@ -276,13 +324,14 @@ class JsonLines:
         return records, bad
 
     def rewrite(self, records):
-        write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
+        write_text(self.path, "".join(json_text(r, self.path) + "\n" for r in records))
 
     def append(self, records, durable=False):
+        text = "".join(json_text(r, self.path) + "\n" for r in records)
         try:
             if self.file is None:
                 self.file = open(self.path, "a", encoding="utf-8")
-            self.file.write("".join(json.dumps(r) + "\n" for r in records))
+            self.file.write(text)
             self.file.flush()
             if durable:
                 os.fsync(self.file.fileno())
