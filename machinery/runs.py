@@ -36,8 +36,27 @@ class RunError(ValueError):
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is a RunError (one line) instead of the usage text and exit."""
 
+    def __init__(self, *args, **kwargs):
+        # no prefix matching: --max_step 2 is a typo to refuse, not --max_steps 2 (and a flag
+        # added later would silently change what an old abbreviation means)
+        super().__init__(*args, **{"allow_abbrev": False} | kwargs)
+
     def error(self, message):
         raise RunError(f"{message} (see --help)")
+
+
+def float_flag(text):
+    """A float as the user typed it; one that rounds to 0.0 (1e-400) is refused, since 0 often
+    means "the default" (--lr) and never what was typed."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    mantissa = text.strip().lower().split("e")[0]
+    if value == 0 and any(digit in mantissa for digit in "123456789"):
+        raise argparse.ArgumentTypeError(f"{text} is too small to be a float (below about 5e-324 it "
+                                         "rounds to 0): give a larger value, or 0 if 0 is meant")
+    return value
 
 
 def settings_from_command_line(settings_class, description, argv=None):
@@ -53,7 +72,8 @@ def settings_from_command_line(settings_class, description, argv=None):
             parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
             continue
         shown = "" if "default" in help_text or f.default == "" else f" (default: {f.default})"
-        parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=help_text + shown)
+        kind = float_flag if f.type is float else f.type
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text + shown)
     settings = settings_class(**vars(parser.parse_args(argv)))
     for f in fields(settings_class):
         value, bounds = getattr(settings, f.name), f.metadata

@@ -1,12 +1,14 @@
 """Finite numbers only: no checkpoint, adapter or JSON file holds a NaN, an infinity or a
 diverged weight; the save a failed run names as good is finite and resumes; eval.py and
 report.py refuse such an adapter in one line (issue 19; machinery/runs.py's promises)."""
+import importlib
 import json
 import math
 
 import pytest
 import torch
 
+import data
 import eval as evaluate_script
 import report
 import train as train_script
@@ -143,3 +145,55 @@ def test_the_bound_passes_a_trained_adapter_and_stops_a_diverged_one():
     assert "past" in runs.bad_numbers({"a": torch.tensor([runs.ADAPTER_BOUND * 1.01])}, runs.ADAPTER_BOUND)
     assert "1 non-finite" in runs.bad_numbers({"s": {0: {"exp_avg": torch.tensor([0.0, float("nan")])}}})
     assert runs.bad_numbers({"s": {0: {"exp_avg": torch.tensor([1e30])}}}) is None  # no bound: only finite
+
+
+# ----------------------------------------------------------------------------- numbers typed or read
+
+@pytest.mark.parametrize("answer", ["nan", "inf", "-Infinity", "1e999"])
+def test_a_math_answer_no_number_can_equal_is_refused_when_the_task_loads(data_dir, answer):
+    # float() reads each of these, as a non-finite number: |prediction - answer| <= 0.001 never holds
+    path = data_dir / "dataset" / "SVAMP" / "test.json"
+    items = json.loads(path.read_text())
+    items[1]["answer"] = answer
+    path.write_text(json.dumps(items))
+    with pytest.raises(data.DataError, match=rf"test.json: item 1: answer '{answer}' is not a finite number"):
+        data.load_task("math", data_dir, datasets=["SVAMP"], with_train=False)
+    with pytest.raises(data.DataError, match="is not a finite number"):
+        data.is_correct("SVAMP", "the answer is 8", answer)
+    assert data.is_correct("SVAMP", "the answer is 8", "8.0")
+    assert data.extract_answer("SVAMP", f"the answer is {answer}") in (None, 999.0)  # "1e999": its last number
+
+
+@pytest.mark.parametrize("typed", ["1e-400", "0.5e-330", "2.5E-500"])
+def test_a_float_flag_that_rounds_to_zero_is_refused(data_dir, tmp_path, capsys, typed):
+    out = tmp_path / "run"
+    message = stopped(train_script.main, [*SHORT, "--lr", typed, "--data_dir", data_dir, "--out_dir", out], capsys)
+    assert f"argument --lr: {typed} is too small to be a float" in message, message
+    assert not out.exists()
+    # zero typed as zero still means the method's learning rate; a tiny float that is one stays
+    assert train_script.parse_settings(["--lr", "0e5"]).lr == 3e-4  # the paper's, for interlora
+    assert train_script.parse_settings(["--lr", "4e-320"]).lr == float("4e-320")
+    message = stopped(data.main, ["download", "--timeout", "1e-400", "--data_dir", tmp_path / "d"], capsys)
+    assert "argument --timeout: 1e-400 is too small" in message and not (tmp_path / "d").exists(), message
+
+
+@pytest.mark.parametrize("main, argv, flag", [
+    (train_script.main, ["--max_step", "2"], "--max_step"),
+    (evaluate_script.main, ["--adapter", "a.pt", "--max_new_token", "2"], "--max_new_token"),
+    (report.main, ["--adapter", "a.pt", "--limi", "2"], "--limi"),
+    (data.main, ["download", "--data_di", "somewhere"], "--data_di"),
+])
+def test_an_abbreviated_flag_is_refused_not_guessed(main, argv, flag, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # were it taken as the full flag, nothing lands in the project
+    message = stopped(main, argv, capsys)
+    assert f"unrecognized arguments: {flag}" in message, message
+
+
+@pytest.mark.parametrize("script", ["full_size", "reproducibility", "speed"])
+def test_the_benchmarks_refuse_abbreviations_too(script, capsys):
+    # "--hel" would be --help with prefix matching (exit 0 and the usage); refused, it is exit 2
+    bench = importlib.import_module(f"bench.{script}")
+    with pytest.raises((SystemExit, runs.RunError)) as stop:
+        bench.main(["--hel"])
+    assert isinstance(stop.value, runs.RunError) or stop.value.code == 2
+    assert "show this help message" not in capsys.readouterr().out
