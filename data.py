@@ -355,10 +355,12 @@ def load_task(name, data_dir, datasets=None, with_train=True):
     datasets = [d for d in all_datasets if d in datasets]  # tables always in the paper's order
     data_dir = Path(data_dir)
     test = {d: read_items(data_dir / dataset_file(d)) for d in datasets}
-    for dataset, items in test.items():  # a math answer no number can equal is a broken file: say so now
+    # a math answer that no number can equal is a broken file: say so now, not after generating
+    for dataset, items in test.items():
         if dataset in MATH_DATASETS and dataset != "AQuA":
             for index, item in enumerate(items):
-                math_answer(dataset, item["answer"], f"{data_dir / dataset_file(dataset)}: item {index}")
+                where = f"{data_dir / dataset_file(dataset)}: item {index}"
+                math_answer(dataset, item["answer"], where)
     # evaluation needs no commonsense training file; math needs its own to split off the tests
     train = read_items(data_dir / train_file) if with_train or name == "math" else None
     if name == "math":

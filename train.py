@@ -388,7 +388,8 @@ def train_loop(s, group, model, optimizer, examples, pad_id, log, step):
                 if problem := checkpoint_problem(model, optimizer):
                     advice = "run again with a lower --lr" if saved is None else \
                         f"{last_save(checkpoint_path, saved)}, or lower --lr in a new --out_dir"
-                    raise RunError(f"not saving step {step}: {problem} (the run diverged): {advice}")
+                    raise RunError(f"not saving step {step}: {problem} (the run diverged): "
+                                   f"{advice}")
                 if main_process:
                     save_checkpoint(checkpoint_path, step, model, optimizer, s, group)
                 saved = step

@@ -82,8 +82,8 @@ def read_adapter(path):
     """The payload of an adapter file of any method, checked (interlora.read_adapter), its method named."""
     payload = interlora.read_adapter(path)
     if problem := runs.bad_numbers(payload.get("tensors"), runs.ADAPTER_BOUND):
-        raise AdapterError(f"{path}: {problem}: the run that wrote it diverged; train it again with a "
-                           "lower --lr")
+        raise AdapterError(f"{path}: {problem}: the run that wrote it diverged; "
+                           "train it again with a lower --lr")
     payload["method"] = method_of(payload)
     if payload["method"] not in ("interlora", "lora", *BASELINES):
         raise AdapterError(f"{path} holds an adapter of method {payload['method']!r}, which this version does not "

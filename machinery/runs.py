@@ -54,8 +54,9 @@ def float_flag(text):
         raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
     mantissa = text.strip().lower().split("e")[0]
     if value == 0 and any(digit in mantissa for digit in "123456789"):
-        raise argparse.ArgumentTypeError(f"{text} is too small to be a float (below about 5e-324 it "
-                                         "rounds to 0): give a larger value, or 0 if 0 is meant")
+        raise argparse.ArgumentTypeError(f"{text} is too small to be a float (below about "
+                                         "5e-324 it rounds to 0): give a larger value, or 0 "
+                                         "if 0 is meant")
     return value
 
 
@@ -278,7 +279,8 @@ def json_text(obj, path, **options):
     try:
         return json.dumps(obj, allow_nan=False, **options)
     except ValueError:
-        raise RunError(f"not writing {path}: it would hold a NaN or an infinity (a diverged run?)") from None
+        raise RunError(f"not writing {path}: it would hold a NaN or an infinity "
+                       "(a diverged run?)") from None
 
 
 def write_text(path, text):

@@ -18,7 +18,8 @@ from test_faults import SHORT, assert_same_adapter, hidden_files, stopped
 
 
 def train(data_dir, out, *extra):
-    return train_script.main([*SHORT, "--data_dir", str(data_dir), "--out_dir", str(out), *map(str, extra)])
+    argv = [*SHORT, "--data_dir", data_dir, "--out_dir", out, *extra]
+    return train_script.main([str(a) for a in argv])
 
 
 def assert_nothing_bad_written(out):
@@ -30,7 +31,7 @@ def assert_nothing_bad_written(out):
 
 @pytest.mark.parametrize("steps", [["--max_steps", "6", "--save_every", "2"], ["--max_steps", "1"]])
 def test_a_diverging_run_writes_no_checkpoint_and_no_adapter(data_dir, tmp_path, capsys, steps):
-    # --lr 1e10: after one step the weights are ~1e8 (1e10 during warmup), after two NaN
+    # --lr 1e10: one step moves each weight by about that step's lr (warmup: a fraction of 1e10)
     out = tmp_path / "run"
     message = stopped(train_script.main, [*SHORT, "--lr", "1e10", *steps, "--data_dir", data_dir,
                                           "--out_dir", out], capsys)
@@ -55,7 +56,8 @@ def poison_after(monkeypatch, optimizer_steps):
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
 
 
-def test_after_a_nan_loss_the_save_named_good_is_finite_and_resumes(data_dir, tmp_path, capsys, monkeypatch):
+def test_after_a_nan_loss_the_save_named_good_is_finite_and_resumes(data_dir, tmp_path, capsys,
+                                                                    monkeypatch):
     out = tmp_path / "run"
     poison_after(monkeypatch, 3)  # step 4's loss is NaN; the save at step 2 came before
     message = stopped(train_script.main, [*SHORT, "--data_dir", data_dir, "--out_dir", out], capsys)
@@ -97,7 +99,8 @@ def test_resume_refuses_a_checkpoint_that_holds_nan(data_dir, tmp_path, capsys, 
     name = sorted(state["adapter"])[0]
     state["adapter"][name] = torch.full_like(state["adapter"][name], float("inf"))
     torch.save(state, out / "checkpoint.pt")
-    message = stopped(train_script.main, [*SHORT, "--data_dir", data_dir, "--out_dir", out, "--resume"], capsys)
+    argv = [*SHORT, "--data_dir", data_dir, "--out_dir", out, "--resume"]
+    message = stopped(train_script.main, argv, capsys)
     assert name in message and "cannot be resumed" in message, message
     assert not (out / "adapter.pt").exists()
 
@@ -109,9 +112,12 @@ def adapter(data_dir, tmp_path):
     return out / "adapter.pt"
 
 
-@pytest.mark.parametrize("value, found", [(float("nan"), "non-finite"), (float("-inf"), "non-finite"),
-                                          (5e9, "past the 10000")])
-def test_eval_and_report_refuse_an_adapter_with_bad_numbers(data_dir, adapter, tmp_path, capsys, value, found):
+BAD_VALUES = [(float("nan"), "non-finite"), (float("-inf"), "non-finite"), (5e9, "past the 10000")]
+
+
+@pytest.mark.parametrize("value, found", BAD_VALUES)
+def test_eval_and_report_refuse_an_adapter_with_bad_numbers(data_dir, adapter, tmp_path, capsys,
+                                                            value, found):
     payload = torch.load(adapter, weights_only=True)
     name = sorted(payload["tensors"])[-1]
     payload["tensors"][name] = payload["tensors"][name].clone().fill_(value)
@@ -119,8 +125,9 @@ def test_eval_and_report_refuse_an_adapter_with_bad_numbers(data_dir, adapter, t
     torch.save(payload, bad)
     for main, extra in ((evaluate_script.main, ["--max_new_tokens", "2"]), (report.main, [])):
         out = tmp_path / f"out-{main.__module__}"
-        message = stopped(main, ["--adapter", bad, "--data_dir", data_dir, "--datasets", "SVAMP", "--limit", "2",
-                                 *extra, "--out_dir", out], capsys)
+        argv = ["--adapter", bad, "--data_dir", data_dir, "--datasets", "SVAMP", "--limit", "2",
+                *extra, "--out_dir", out]
+        message = stopped(main, argv, capsys)
         assert name in message and found in message and "lower --lr" in message, message
         assert not out.exists()
 
@@ -140,41 +147,49 @@ def test_json_files_never_hold_a_bare_nan(tmp_path):
 
 def test_the_bound_passes_a_trained_adapter_and_stops_a_diverged_one():
     # integers are never checked; a float at the bound is fine, one past it or NaN is not
-    assert runs.bad_numbers({"a": torch.tensor([1.0, -runs.ADAPTER_BOUND]), "n": torch.tensor([10 ** 12])},
-                            runs.ADAPTER_BOUND) is None
-    assert "past" in runs.bad_numbers({"a": torch.tensor([runs.ADAPTER_BOUND * 1.01])}, runs.ADAPTER_BOUND)
-    assert "1 non-finite" in runs.bad_numbers({"s": {0: {"exp_avg": torch.tensor([0.0, float("nan")])}}})
-    assert runs.bad_numbers({"s": {0: {"exp_avg": torch.tensor([1e30])}}}) is None  # no bound: only finite
+    bound = runs.ADAPTER_BOUND
+    fine = {"a": torch.tensor([1.0, -bound]), "n": torch.tensor([10 ** 12])}
+    assert runs.bad_numbers(fine, bound) is None
+    assert "past" in runs.bad_numbers({"a": torch.tensor([bound * 1.01])}, bound)
+    state = {"s": {0: {"exp_avg": torch.tensor([0.0, float("nan")])}}}
+    assert "1 non-finite" in runs.bad_numbers(state)
+    # no bound (the optimizer state): only finiteness is checked
+    assert runs.bad_numbers({"s": {0: {"exp_avg": torch.tensor([1e30])}}}) is None
 
 
-# ----------------------------------------------------------------------------- numbers typed or read
+# ------------------------------------------------------------------------ numbers typed or read
 
 @pytest.mark.parametrize("answer", ["nan", "inf", "-Infinity", "1e999"])
 def test_a_math_answer_no_number_can_equal_is_refused_when_the_task_loads(data_dir, answer):
-    # float() reads each of these, as a non-finite number: |prediction - answer| <= 0.001 never holds
+    # float() reads each as a non-finite number: |prediction - answer| <= 0.001 never holds
     path = data_dir / "dataset" / "SVAMP" / "test.json"
     items = json.loads(path.read_text())
     items[1]["answer"] = answer
     path.write_text(json.dumps(items))
-    with pytest.raises(data.DataError, match=rf"test.json: item 1: answer '{answer}' is not a finite number"):
+    expected = rf"test.json: item 1: answer '{answer}' is not a finite number"
+    with pytest.raises(data.DataError, match=expected):
         data.load_task("math", data_dir, datasets=["SVAMP"], with_train=False)
     with pytest.raises(data.DataError, match="is not a finite number"):
         data.is_correct("SVAMP", "the answer is 8", answer)
     assert data.is_correct("SVAMP", "the answer is 8", "8.0")
-    assert data.extract_answer("SVAMP", f"the answer is {answer}") in (None, 999.0)  # "1e999": its last number
+    # a response never yields one either ("1e999" reads as its last number, 999)
+    assert data.extract_answer("SVAMP", f"the answer is {answer}") in (None, 999.0)
 
 
 @pytest.mark.parametrize("typed", ["1e-400", "0.5e-330", "2.5E-500"])
 def test_a_float_flag_that_rounds_to_zero_is_refused(data_dir, tmp_path, capsys, typed):
     out = tmp_path / "run"
-    message = stopped(train_script.main, [*SHORT, "--lr", typed, "--data_dir", data_dir, "--out_dir", out], capsys)
+    argv = [*SHORT, "--lr", typed, "--data_dir", data_dir, "--out_dir", out]
+    message = stopped(train_script.main, argv, capsys)
     assert f"argument --lr: {typed} is too small to be a float" in message, message
     assert not out.exists()
     # zero typed as zero still means the method's learning rate; a tiny float that is one stays
     assert train_script.parse_settings(["--lr", "0e5"]).lr == 3e-4  # the paper's, for interlora
     assert train_script.parse_settings(["--lr", "4e-320"]).lr == float("4e-320")
-    message = stopped(data.main, ["download", "--timeout", "1e-400", "--data_dir", tmp_path / "d"], capsys)
-    assert "argument --timeout: 1e-400 is too small" in message and not (tmp_path / "d").exists(), message
+    argv = ["download", "--timeout", "1e-400", "--data_dir", tmp_path / "d"]
+    message = stopped(data.main, argv, capsys)
+    assert "argument --timeout: 1e-400 is too small" in message, message
+    assert not (tmp_path / "d").exists()
 
 
 @pytest.mark.parametrize("main, argv, flag", [
@@ -183,7 +198,8 @@ def test_a_float_flag_that_rounds_to_zero_is_refused(data_dir, tmp_path, capsys,
     (report.main, ["--adapter", "a.pt", "--limi", "2"], "--limi"),
     (data.main, ["download", "--data_di", "somewhere"], "--data_di"),
 ])
-def test_an_abbreviated_flag_is_refused_not_guessed(main, argv, flag, capsys, tmp_path, monkeypatch):
+def test_an_abbreviated_flag_is_refused_not_guessed(main, argv, flag, capsys, tmp_path,
+                                                   monkeypatch):
     monkeypatch.chdir(tmp_path)  # were it taken as the full flag, nothing lands in the project
     message = stopped(main, argv, capsys)
     assert f"unrecognized arguments: {flag}" in message, message
