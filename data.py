@@ -9,6 +9,7 @@ GPT-J through a GPT-2 byte-level BPE written below that gives the reference ids.
 import base64
 import functools
 import json
+import math
 import os
 import re
 import unicodedata
@@ -566,6 +567,12 @@ def load_task(name, data_dir, datasets=None, with_train=True):
     datasets = [d for d in all_datasets if d in datasets]  # tables always in the paper's order
     data_dir = Path(data_dir)
     test = {d: read_items(data_dir / dataset_file(d)) for d in datasets}
+    # a math answer that no number can equal is a broken file: say so now, not after generating
+    for dataset, items in test.items():
+        if dataset in MATH_DATASETS and dataset != "AQuA":
+            for index, item in enumerate(items):
+                where = f"{data_dir / dataset_file(dataset)}: item {index}"
+                math_answer(dataset, item["answer"], where)
     # evaluation needs no commonsense training file; math needs its own to split off the tests
     train = read_items(data_dir / train_file) if with_train or name == "math" else None
     if name == "math":
@@ -653,11 +660,21 @@ def is_correct(dataset, response, answer):
     if prediction is None:
         return False
     if isinstance(prediction, float):
-        try:
-            return abs(prediction - float(answer)) <= 0.001
-        except ValueError:
-            raise DataError(f"{dataset} answer {answer!r} is not a number: check the test file") from None
+        return abs(prediction - math_answer(dataset, answer)) <= 0.001
     return prediction == answer
+
+
+def math_answer(dataset, answer, where=None):
+    """A math test item's answer as a float; "nan", "inf" or "1e999" is a DataError: no
+    prediction is ever within 0.001 of them, so the item could never be scored right."""
+    try:
+        value = float(answer)
+    except ValueError:
+        value = None
+    if value is None or not math.isfinite(value):
+        raise DataError(f"{where or dataset}: answer {answer!r} is not a finite number: "
+                        "fix or re-download the test file")
+    return value
 
 
 def main(argv=None):
@@ -670,7 +687,8 @@ def main(argv=None):
     fetch.add_argument("--task", default="all", choices=["math", "commonsense", "all"],
                        help="which task's training and test files (default: all)")
     fetch.add_argument("--base_url", default=BASE_URL, help="a copy of the repository at commit 8166572")
-    fetch.add_argument("--timeout", type=float, default=60, help="seconds to wait for the server (default: 60)")
+    fetch.add_argument("--timeout", type=runs.float_flag, default=60,
+                       help="seconds to wait for the server (default: 60)")
 
     def command(argv):
         args = parser.parse_args(argv)

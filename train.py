@@ -384,6 +384,12 @@ def train_loop(s, group, model, optimizer, examples, pad_id, log, step):
                             mem=f"{memory_gb(device):.1f}GB")
             bar.update()
             if step % s.save_every == 0 or step == total_steps:
+                # every process holds the same adapter, so all of them stop here, or none
+                if problem := checkpoint_problem(model, optimizer):
+                    advice = "run again with a lower --lr" if saved is None else \
+                        f"{last_save(checkpoint_path, saved)}, or lower --lr in a new --out_dir"
+                    raise RunError(f"not saving step {step}: {problem} (the run diverged): "
+                                   f"{advice}")
                 if main_process:
                     save_checkpoint(checkpoint_path, step, model, optimizer, s, group)
                 saved = step
@@ -401,6 +407,12 @@ def last_save(path, saved):
     if saved is None:
         return "nothing was saved yet: run the same command again to start over"
     return f"the last good save is step {saved} ({path}): continue with --resume"
+
+
+def checkpoint_problem(model, optimizer):
+    """Why the adapter and optimizer state cannot be a good save (runs.bad_numbers), or None."""
+    return (runs.bad_numbers(adapters.adapter_state_dict(model), runs.ADAPTER_BOUND)
+            or runs.bad_numbers(optimizer.state_dict()["state"]))
 
 
 def save_checkpoint(path, step, model, optimizer, settings, group):
@@ -423,6 +435,8 @@ def resume(path, model, optimizer, s, group):
         for name, tensor in state["adapter"].items():
             params[name].copy_(tensor)
     optimizer.load_state_dict(state["optimizer"])
+    if problem := checkpoint_problem(model, optimizer):  # written by hand, or by an older version
+        raise RunError(f"{path}: {problem}: it cannot be resumed; delete it to start the run over")
     return state["step"]
 
 

@@ -50,7 +50,7 @@ PROMPTS, PROMPT_TOKENS = 2, 300  # eval's 2 SVAMP prompts: about 300 tokens each
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--folder", required=True, help="where to write the model (Meta's layout: .../7B)")
     parser.add_argument("--tokenizer", default=str(ROOT.parent / "shared/data/spm-tokenizer/tokenizer.model"),
                         help="a sentencepiece tokenizer.model to copy beside the folder (default: "

@@ -81,6 +81,9 @@ def method_of(payload):
 def read_adapter(path):
     """The payload of an adapter file of any method, checked (interlora.read_adapter), its method named."""
     payload = interlora.read_adapter(path)
+    if problem := runs.bad_numbers(payload.get("tensors"), runs.ADAPTER_BOUND):
+        raise AdapterError(f"{path}: {problem}: the run that wrote it diverged; "
+                           "train it again with a lower --lr")
     payload["method"] = method_of(payload)
     if payload["method"] not in ("interlora", "lora", *BASELINES):
         raise AdapterError(f"{path} holds an adapter of method {payload['method']!r}, which this version does not "
@@ -103,6 +106,8 @@ def _base_description(model, cfg):
 
 def save_adapter(path, model, cfg, info=None):
     """Write the adapter file of `model`'s method atomically (for InterLoRA and LoRA: interlora.save_adapter)."""
+    if problem := runs.bad_numbers(adapter_state_dict(model), runs.ADAPTER_BOUND):
+        raise AdapterError(f"not writing {path}: {problem} (a diverged run): lower --lr")
     if isinstance(cfg, InterLoRAConfig):
         return interlora.save_adapter(path, model, cfg, info)
     info = info or {}

@@ -11,6 +11,8 @@ The promises kept here, each backed by a test (tests/test_faults.py):
   given the permissions a plainly created file would get (the umask's), then renamed. A
   reader sees the old file or the new one; a failed write names the file and the cause and
   leaves the old file and no temporary file.
+- Every number saved is finite: no tensor file holds a NaN or an infinity, no JSON file a bare
+  NaN (allow_nan=False), and an adapter whose weights ran past ADAPTER_BOUND is never saved.
 """
 import argparse
 import fcntl
@@ -34,8 +36,28 @@ class RunError(ValueError):
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is a RunError (one line) instead of the usage text and exit."""
 
+    def __init__(self, *args, **kwargs):
+        # no prefix matching: --max_step 2 is a typo to refuse, not --max_steps 2 (and a flag
+        # added later would silently change what an old abbreviation means)
+        super().__init__(*args, **{"allow_abbrev": False} | kwargs)
+
     def error(self, message):
         raise RunError(f"{message} (see --help)")
+
+
+def float_flag(text):
+    """A float as the user typed it; one that rounds to 0.0 (1e-400) is refused, since 0 often
+    means "the default" (--lr) and never what was typed."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+    mantissa = text.strip().lower().split("e")[0]
+    if value == 0 and any(digit in mantissa for digit in "123456789"):
+        raise argparse.ArgumentTypeError(f"{text} is too small to be a float (below about "
+                                         "5e-324 it rounds to 0): give a larger value, or 0 "
+                                         "if 0 is meant")
+    return value
 
 
 def settings_from_command_line(settings_class, description, argv=None):
@@ -51,7 +73,8 @@ def settings_from_command_line(settings_class, description, argv=None):
             parser.add_argument(f"--{f.name}", action="store_true", help=help_text)
             continue
         shown = "" if "default" in help_text or f.default == "" else f" (default: {f.default})"
-        parser.add_argument(f"--{f.name}", type=f.type, default=f.default, help=help_text + shown)
+        kind = float_flag if f.type is float else f.type
+        parser.add_argument(f"--{f.name}", type=kind, default=f.default, help=help_text + shown)
     settings = settings_class(**vars(parser.parse_args(argv)))
     for f in fields(settings_class):
         value, bounds = getattr(settings, f.name), f.metadata
@@ -213,12 +236,59 @@ def write_atomically(path, write, binary=False):
             os.unlink(temp)
 
 
+# ----------------------------------------------------------------------------- finite numbers
+
+# The largest |weight| a saved adapter may hold. Past it the run has diverged: AdamW moves each
+# weight by about lr per step whatever the gradient (Adam's step is normalised, and train.py
+# clips the gradient first), so from an initial |w| <= 1 a weight reaches 1e4 only after
+# lr x steps ~ 1e4: 3e7 steps at the default 3e-4. One step at --lr 1e10 lands at ~1e10. And
+# 1e4 keeps a merged update inside fp16's range (65504) with room to spare.
+ADAPTER_BOUND = 1e4
+
+
+def tensors_in(obj, name=""):
+    """(name, tensor) for every tensor in nested dicts, lists and tuples (an optimizer's state)."""
+    if torch.is_tensor(obj):
+        yield name, obj
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            yield from tensors_in(value, f"{name}.{key}" if name else str(key))
+    elif isinstance(obj, (list, tuple)):
+        for index, value in enumerate(obj):
+            yield from tensors_in(value, f"{name}.{index}" if name else str(index))
+
+
+def bad_numbers(obj, bound=None):
+    """Why `obj` must not be saved (a tensor holding a NaN or an infinity, or a value past
+    `bound` in size), or None when every number in it is fine."""
+    for name, tensor in tensors_in(obj):
+        if not (tensor.is_floating_point() or tensor.is_complex()) or tensor.numel() == 0:
+            continue  # integers are always finite
+        tensor = tensor.detach()
+        finite = torch.isfinite(tensor)
+        if not finite.all():
+            return f"{name} holds {int((~finite).sum()):,} non-finite numbers of {tensor.numel():,}"
+        largest = tensor.abs().max().item()
+        if bound is not None and largest > bound:
+            return f"{name} holds a weight of {largest:.3g}, past the {bound:g} of any sane adapter"
+    return None
+
+
+def json_text(obj, path, **options):
+    """json.dumps that refuses NaN and infinity (bare NaN is no JSON: other readers reject it)."""
+    try:
+        return json.dumps(obj, allow_nan=False, **options)
+    except ValueError:
+        raise RunError(f"not writing {path}: it would hold a NaN or an infinity "
+                       "(a diverged run?)") from None
+
+
 def write_text(path, text):
     write_atomically(path, lambda f: f.write(text))
 
 
 def write_json(path, obj):
-    write_text(path, json.dumps(obj, indent=2) + "\n")
+    write_text(path, json_text(obj, path, indent=2) + "\n")
 
 
 def save_torch(path, obj):
@@ -276,13 +346,14 @@ class JsonLines:
         return records, bad
 
     def rewrite(self, records):
-        write_text(self.path, "".join(json.dumps(r) + "\n" for r in records))
+        write_text(self.path, "".join(json_text(r, self.path) + "\n" for r in records))
 
     def append(self, records, durable=False):
+        text = "".join(json_text(r, self.path) + "\n" for r in records)
         try:
             if self.file is None:
                 self.file = open(self.path, "a", encoding="utf-8")
-            self.file.write("".join(json.dumps(r) + "\n" for r in records))
+            self.file.write(text)
             self.file.flush()
             if durable:
                 os.fsync(self.file.fileno())
