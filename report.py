@@ -109,7 +109,7 @@ def report(s):
     runs.check_output_dir(out_dir)
 
     model = load_model(model_name, folder, device=s.device, dtype=memory.DTYPES[s.dtype], quantize=s.quantize or None)
-    interlora.load_adapter(model, s.adapter)
+    adapters.load_adapter(model, s.adapter)
     model.eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.device.startswith("cuda"))
     with torch.no_grad(), autocast, gates.GateRecorder(model) as recorder:

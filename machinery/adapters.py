@@ -12,8 +12,9 @@ is the same for all of them: a torch file of plain data, loaded with weights_onl
     {"format": "interlora-adapter", "version": 2, "method": "prefix", "config": {the method's config},
      "info": {model, task, steps, ...}, "base": {what the base must match}, "tensors": {name: tensor}}
 
-written by interlora.save_adapter for interlora and lora (whose version-1 files, without "method",
-name theirs in the config) and here for the baselines. Loading rebuilds the method from the file and
+laid out by interlora.adapter_payload for interlora and lora (whose version-1 files, without
+"method", name theirs in the config) and here for the baselines, and written atomically here for
+all of them. The project's commands use the fused InterLoRA layer (machinery/fused.py). Loading rebuilds the method from the file and
 checks that the base model fits before any tensor is copied.
 """
 import json
@@ -23,7 +24,7 @@ import torch
 
 import baselines
 import interlora
-from machinery import runs
+from machinery import fused, runs
 from baselines import AdapterConfig, BaselineError, PrefixConfig
 from interlora import AdapterError, InterLoRAConfig
 
@@ -54,7 +55,7 @@ def add_adapters(model, cfg):
         return baselines.add_adapter(model, cfg)
     if isinstance(cfg, PrefixConfig):
         return baselines.add_prefix(model, cfg)
-    return interlora.add_interlora(model, cfg)
+    return interlora.add_interlora(model, cfg, layer=fused.FusedInterLoRALinear)
 
 
 def remove_adapters(model):
@@ -79,8 +80,18 @@ def method_of(payload):
 
 
 def read_adapter(path):
-    """The payload of an adapter file of any method, checked (interlora.read_adapter), its method named."""
-    payload = interlora.read_adapter(path)
+    """The payload of an adapter file of any method, checked, its method named; loads tensors only."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise AdapterError(f"adapter file {path} not found") from None
+    except PermissionError:
+        raise AdapterError(f"cannot read adapter {path}: permission denied") from None
+    except Exception as e:  # truncated zip, foreign pickle, not a torch file at all
+        raise AdapterError(f"cannot read adapter {path} ({type(e).__name__}): the file is corrupt or "
+                           "not an InterLoRA adapter") from None
+    if not isinstance(payload, dict) or payload.get("format") != "interlora-adapter":
+        raise AdapterError(f"{path} is not an InterLoRA adapter file (no 'interlora-adapter' format tag)")
     if problem := runs.bad_numbers(payload.get("tensors"), runs.ADAPTER_BOUND):
         raise AdapterError(f"{path}: {problem}: the run that wrote it diverged; "
                            "train it again with a lower --lr")
@@ -105,16 +116,19 @@ def _base_description(model, cfg):
 
 
 def save_adapter(path, model, cfg, info=None):
-    """Write the adapter file of `model`'s method atomically (for InterLoRA and LoRA: interlora.save_adapter)."""
+    """Write the adapter file of `model`'s method atomically."""
     if problem := runs.bad_numbers(adapter_state_dict(model), runs.ADAPTER_BOUND):
         raise AdapterError(f"not writing {path}: {problem} (a diverged run): lower --lr")
-    if isinstance(cfg, InterLoRAConfig):
-        return interlora.save_adapter(path, model, cfg, info)
     info = info or {}
     try:  # the file is read with weights_only=True: only plain data loads back
         json.dumps(info)
     except TypeError as e:
         raise AdapterError(f"adapter info must be plain JSON-like data: {e}") from None
+    if isinstance(cfg, InterLoRAConfig):
+        try:
+            return runs.save_torch(path, interlora.adapter_payload(model, cfg, info))
+        except OSError as e:
+            raise AdapterError(f"cannot write {path}: {e.strerror or e}") from None
     payload = {"format": "interlora-adapter", "version": 2, "method": cfg.method, "config": asdict(cfg),
                "info": info, "base": _base_description(model, cfg),
                "tensors": {k: v.cpu() for k, v in adapter_state_dict(model).items()}}
@@ -129,7 +143,16 @@ def load_adapter(model, path):
     payload = read_adapter(path)
     method = payload["method"]
     if method not in BASELINES:
-        return interlora.load_adapter(model, path)
+        cfg = InterLoRAConfig(**payload["config"])
+        interlora.add_interlora(model, cfg, layer=fused.FusedInterLoRALinear)
+        try:
+            _check_base(path, payload, interlora.adapter_payload(model, cfg)["base"])
+            params = {n: p for n, p in model.named_parameters() if is_adapter_parameter(n)}
+            copy_tensors(path, params, payload["tensors"])
+        except AdapterError:
+            remove_adapters(model)
+            raise
+        return cfg, payload["info"]
     try:
         cfg = BASELINES[method](**payload["config"])
     except TypeError as e:
@@ -138,7 +161,7 @@ def load_adapter(model, path):
     try:
         _check_base(path, payload, _base_description(model, cfg))
         params = {n: p for n, p in model.named_parameters() if is_adapter_parameter(n)}
-        interlora.copy_tensors(path, params, payload["tensors"])
+        copy_tensors(path, params, payload["tensors"])
     except AdapterError:
         remove_adapters(model)
         raise
@@ -169,4 +192,25 @@ def merge(model):
     if isinstance(getattr(model, "prefix_tuning", None), baselines.Prefix):
         raise AdapterError("cannot merge a prefix: it adds keys and values to every layer's attention, it changes "
                            "no weight; run it unmerged")
+    layers = [m for m in model.modules() if isinstance(m, interlora.InterLoRALinear)]
+    quantized = [m.base.weight.dtype for m in layers if not m.base.weight.is_floating_point()]
+    if quantized:
+        raise AdapterError(f"cannot merge into a {quantized[0]} (quantized) base weight: W + λ·B·A "
+                           "rounded back to it would lose the update; load the base unquantized to "
+                           "merge, or run the adapters unmerged")
     return interlora.merge(model)
+
+
+def copy_tensors(path, params, tensors):
+    """Copy an adapter file's tensors {name: tensor} into the model's adapter parameters, after
+    checking that the names and shapes match exactly (AdapterError names the first that does not)."""
+    if params.keys() != tensors.keys():
+        name = sorted(params.keys() ^ tensors.keys())[0]
+        raise AdapterError(f"{path}: tensor {name} is in {'the model' if name in params else 'the file'} only")
+    for name, tensor in tensors.items():
+        if params[name].shape != tensor.shape:
+            raise AdapterError(f"{path}: tensor {name} {tuple(tensor.shape)} does not fit this model's "
+                               f"{tuple(params[name].shape)}")
+    with torch.no_grad():
+        for name, tensor in tensors.items():
+            params[name].copy_(tensor)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import interlora
+from machinery import adapters
 from conftest import ROOT, read_jsonl, run, write_tiny_task
 
 # 4 sequences per step in 2 micro-batches of 2: one micro-batch per process with two processes
@@ -45,7 +46,7 @@ def our_errors(result):
 
 
 def adapter(folder):
-    return interlora.read_adapter(folder / "adapter.pt")["tensors"]
+    return adapters.read_adapter(folder / "adapter.pt")["tensors"]
 
 
 @pytest.fixture(scope="module")

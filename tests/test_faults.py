@@ -14,6 +14,7 @@ import torch
 
 import eval as evaluate_script
 import interlora
+from machinery import adapters, runs
 import train as train_script
 from conftest import ROOT, read_jsonl, run, shared_path
 
@@ -61,7 +62,7 @@ def checkpoint_step(folder):
 
 
 def assert_same_adapter(a, b):
-    a, b = (interlora.read_adapter(path)["tensors"] for path in (a, b))
+    a, b = (adapters.read_adapter(path)["tensors"] for path in (a, b))
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
@@ -543,7 +544,7 @@ def test_interruptions_are_one_line_and_exit_130(data_dir, tmp_path, monkeypatch
             if any(name.startswith(".adapter.pt") for name in os.listdir(out)):
                 raise KeyboardInterrupt
             return fsync(fd)
-        patch.setattr(interlora.os, "fsync", interrupted)
+        patch.setattr(runs.os, "fsync", interrupted)
         message = stopped(train_script.main, args, capsys, code=130)
     assert "while writing adapter.pt" in message and "--resume" in message
     assert hidden_files(out) == [] and not (out / "adapter.pt").exists()

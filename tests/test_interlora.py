@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 import interlora
+from machinery import adapters, fused
 from interlora import (VARIANTS, AdapterError, InterLoRAConfig, InterLoRALinear, add_interlora,
-                       adapter_state_dict, is_adapter_parameter, load_adapter, merge, read_adapter,
+                       adapter_state_dict, is_adapter_parameter, load_adapter, merge,
                        remove_interlora, save_adapter)
 from conftest import ROOT
 from machinery.checkpoints import load_checkpoint
@@ -88,7 +89,7 @@ def record_inputs(model):
 def record_head_gates(model):
     """{layer name: [the head gate used in each call]} by wrapping each attention layer's Eq. 5.
 
-    Reads InterLoRALinear's internals (`gate == "head"`, `_head_gate`): rename them here too.
+    Reads InterLoRALinear's internals (`gate == "head"`, `head_gate`): rename them here too.
     """
     gates = {}
     for name, layer in adapter_layers(model).items():
@@ -96,11 +97,11 @@ def record_head_gates(model):
             continue
         calls = gates[name] = []
 
-        def wrapped(x, original=layer._head_gate, calls=calls):
+        def wrapped(x, original=layer.head_gate, calls=calls):
             g = original(x)
             calls.append(g.detach().clone())
             return g
-        layer._head_gate = wrapped
+        layer.head_gate = wrapped
     return gates
 
 
@@ -694,7 +695,7 @@ def test_adapter_file_holds_only_adapter_tensors(tmp_path):
     model, cfg = adapted()
     path = tmp_path / "adapter.pt"
     save_adapter(path, model, cfg)
-    tensors = read_adapter(path)["tensors"]
+    tensors = adapters.read_adapter(path)["tensors"]
     assert set(tensors) == {n for n, _ in model.named_parameters() if is_adapter_parameter(n)}
     assert not any(".base." in n or n.startswith(("tok_embeddings", "output", "norm")) for n in tensors)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -702,12 +703,12 @@ def test_adapter_file_holds_only_adapter_tensors(tmp_path):
 
 
 def test_failed_save_leaves_no_temporary_file_and_keeps_the_old_one(tmp_path):
-    model, cfg = adapted()
+    model, cfg = adapted()  # the project's writer (machinery/adapters.py), atomic
     path = tmp_path / "adapter.pt"
-    save_adapter(path, model, cfg, info={"version": "old"})
+    adapters.save_adapter(path, model, cfg, info={"version": "old"})
     with pytest.raises(Exception):
-        save_adapter(path, model, cfg, info={"callback": lambda: None})  # cannot be pickled
-    assert read_adapter(path)["info"] == {"version": "old"}
+        adapters.save_adapter(path, model, cfg, info={"callback": lambda: None})  # cannot be pickled
+    assert adapters.read_adapter(path)["info"] == {"version": "old"}
     left = sorted(os.listdir(tmp_path))
     assert left == ["adapter.pt"], f"save_adapter left a temporary file behind after a failed write: {left}"
 
@@ -726,9 +727,9 @@ MISMATCHED_BASES = {  # a model the adapter of `tiny` does not fit
 def test_loading_onto_a_mismatched_base_is_a_clear_error(tmp_path, base, method):
     model, cfg = adapted("tiny", method=method)
     path = tmp_path / "adapter.pt"
-    save_adapter(path, model, cfg)
+    adapters.save_adapter(path, model, cfg)
     with pytest.raises(AdapterError) as error:
-        load_adapter(MISMATCHED_BASES[base](), path)
+        adapters.load_adapter(MISMATCHED_BASES[base](), path)
         pytest.fail(f"an adapter ({method}) of model.py's tiny LLaMA loaded without error onto {base}: the "
                     "file records only the (in, out) shapes of the adapted layers, which can coincide "
                     "across models (LoRA on q and v of tiny and tiny-gptj); it should record the base "
@@ -755,9 +756,9 @@ def corrupt_files(folder, adapter_path):
 def test_unreadable_adapter_files_are_clear_errors(tmp_path, case):
     model, cfg = adapted()
     good = tmp_path / "good.pt"
-    save_adapter(good, model, cfg)
+    adapters.save_adapter(good, model, cfg)
     path = corrupt_files(tmp_path, good)[case]
-    for load in (read_adapter, lambda p: load_adapter(tiny_model("tiny"), p)):
+    for load in (adapters.read_adapter, lambda p: adapters.load_adapter(tiny_model("tiny"), p)):
         with pytest.raises(AdapterError) as error:
             load(path)
         message = str(error.value)
@@ -767,13 +768,13 @@ def test_unreadable_adapter_files_are_clear_errors(tmp_path, case):
 def test_adapter_file_missing_a_tensor_is_an_error(tmp_path):
     model, cfg = adapted()
     path = tmp_path / "adapter.pt"
-    save_adapter(path, model, cfg)
+    adapters.save_adapter(path, model, cfg)
     payload = torch.load(path, weights_only=True)
     dropped = sorted(payload["tensors"])[0]
     del payload["tensors"][dropped]
     torch.save(payload, path)
     with pytest.raises(AdapterError, match="lora|gate"):
-        load_adapter(tiny_model("tiny"), path)
+        adapters.load_adapter(tiny_model("tiny"), path)
         pytest.fail(f"load_adapter accepted a file without {dropped}: that tensor silently keeps its "
                     "fresh initialisation")
 
@@ -838,7 +839,7 @@ def test_dropout_masks_are_independent_draws_with_the_right_probability(p):
     neighbours both dropped with probability p^2, and tensors of a few elements as often as large ones."""
     torch.manual_seed(0)
     x = torch.empty(1000, 2048)
-    dropped = ~interlora.dropout_mask(x, p)
+    dropped = ~fused.dropout_mask(x, p)
     assert dropped.shape == x.shape and dropped.dtype == torch.bool
 
     def within(count, trials, q, sigmas=6):
@@ -850,7 +851,7 @@ def test_dropout_masks_are_independent_draws_with_the_right_probability(p):
         assert within(part.sum().item(), part.numel(), p)
     pairs = flat[:-1:2] & flat[1::2]  # disjoint neighbouring pairs
     assert within(pairs.sum().item(), pairs.numel(), p * p)
-    small = torch.stack([~interlora.dropout_mask(torch.empty(3), p) for _ in range(4000)])  # (4000, 3)
+    small = torch.stack([~fused.dropout_mask(torch.empty(3), p) for _ in range(4000)])  # (4000, 3)
     for column in small.T:
         assert within(column.sum().item(), column.numel(), p)
 

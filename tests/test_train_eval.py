@@ -12,6 +12,7 @@ import torch
 
 import eval as evaluate_script
 import interlora
+from machinery import adapters
 import train as train_script
 from conftest import read_jsonl, run
 from model import Transformer
@@ -48,7 +49,7 @@ def test_training_and_evaluation_end_to_end(data_dir, tmp_path):
 
 
 def adapter_tensors(path):
-    return interlora.read_adapter(path)["tensors"]
+    return adapters.read_adapter(path)["tensors"]
 
 
 def test_resumed_training_ends_with_the_same_adapter(data_dir, tmp_path, monkeypatch):
