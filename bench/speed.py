@@ -61,6 +61,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python bench/speed.py
 import interlora  # noqa: E402
+from machinery import fused  # noqa: E402
 from data import ByteTokenizer, generate_prompt, load_task, load_tokenizer  # noqa: E402
 import model as model_module  # noqa: E402
 from model import PRESETS, ModelConfig, Transformer  # noqa: E402
@@ -95,6 +96,8 @@ class Settings:
     eval_new_tokens: int = field(default=256, metadata={"help": "eval workload: new tokens (math: 256)", "min": 1})
     json: str = field(default="", metadata={"help": "write the settings, environment and rows to this file"})
     device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
+    reference_layer: bool = field(default=False, metadata={
+        "help": "ours with interlora.py's clear layer instead of machinery/fused.py's"})
 
 
 # ----------------------------------------------------------------------------- the stacks
@@ -111,12 +114,15 @@ def model_config(s):
                        ffn_dim=s.ffn_dim, max_seq_len=max(s.seq_len, s.prompt_len + s.new_tokens, 2048))
 
 
-def build_ours(config, method, device, dtype, trained_like=False):
+LAYER = {False: fused.FusedInterLoRALinear, True: interlora.InterLoRALinear}  # by --reference_layer
+
+
+def build_ours(config, method, device, dtype, trained_like=False, reference_layer=False):
     """Our model with random weights made on the device, adapters added (B random if trained_like)."""
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(config).to(dtype)
-    interlora.add_interlora(model, METHODS[method][0])
+    interlora.add_interlora(model, METHODS[method][0], layer=LAYER[reference_layer])
     if trained_like:  # B = 0 would make every update a no-op
         with torch.no_grad():
             for name, param in model.named_parameters():
@@ -248,7 +254,7 @@ def train_rows(s, config, method, dtype):
             optimizer.zero_grad(set_to_none=True)
         return step, sum(p.numel() for p in params)
 
-    ours = build_ours(config, method, s.device, dtype).train()
+    ours = build_ours(config, method, s.device, dtype, reference_layer=s.reference_layer).train()
     rows = [("ours", "eager", ours, lambda: ours(idx, attention_mask=mask, labels=idx, right_padded=True))]
     if not s.skip_compile:
         compiled = torch.compile(ours)
@@ -303,7 +309,8 @@ def generate_rows(s, config, dtype, batch):
                                              max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         assert out.shape[1] == s.prompt_len + n
 
-    models["ours"] = build_ours(config, "interlora", s.device, dtype, trained_like=True).eval()
+    models["ours"] = build_ours(config, "interlora", s.device, dtype, trained_like=True,
+                                reference_layer=s.reference_layer).eval()
     runs = [("ours", "eager", ours_run(False))]
     if not s.skip_compile:
         runs.append(("ours", "compiled", ours_run(True)))
