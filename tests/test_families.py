@@ -1,0 +1,175 @@
+"""Llama 3.x, Mistral and Qwen2.5 checkpoints: tiny random models made by transformers (their own
+config classes), saved in the real on-disk layouts, read by our loader; transformers' logits and
+greedy tokens are the reference."""
+import json
+
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
+
+import train as train_script
+from machinery.checkpoints import load_checkpoint, model_config
+from model import CheckpointError, ModelConfig, Transformer, rotary_frequencies
+from test_model import meta_state_dict, randomize_
+
+VOCAB, DIM, N_LAYER, N_HEAD, N_KV, FFN = 300, 64, 2, 4, 2, 192
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+SHAPES = dict(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=FFN, num_hidden_layers=N_LAYER,
+              num_attention_heads=N_HEAD, num_key_value_heads=N_KV, max_position_embeddings=512,
+              initializer_range=0.1, bos_token_id=1, pad_token_id=0)
+
+
+def family_model(family):
+    """A tiny random transformers model of the family, with its distinguishing config."""
+    torch.manual_seed(0)
+    if family == "llama-3.1":  # scaled rope with a small original window, instruct-style eos list
+        config = LlamaConfig(**SHAPES, rope_theta=500000.0, rope_scaling=dict(LLAMA3_ROPE),
+                             eos_token_id=[2, 3], tie_word_embeddings=False)
+        return randomize_(LlamaForCausalLM(config))
+    if family == "llama-3.2":  # tied embeddings, factor 32
+        config = LlamaConfig(**SHAPES, rope_theta=500000.0, rope_scaling={**LLAMA3_ROPE, "factor": 32.0},
+                             eos_token_id=2, tie_word_embeddings=True)
+        return randomize_(LlamaForCausalLM(config))
+    if family == "mistral":
+        config = MistralConfig(**SHAPES, sliding_window=4096, eos_token_id=2, tie_word_embeddings=False)
+        return randomize_(MistralForCausalLM(config))
+    if family == "qwen2.5":  # q/k/v biases (randomized by randomize_), tied, rope_theta 1e6
+        config = Qwen2Config(**SHAPES, rope_theta=1e6, tie_word_embeddings=True, use_sliding_window=False,
+                             eos_token_id=2)
+        return randomize_(Qwen2ForCausalLM(config))
+    raise ValueError(family)
+
+
+def save_sharded(hf_model, folder):
+    hf_model.save_pretrained(folder, max_shard_size="100KB")  # several shards and the index
+    assert (folder / "model.safetensors.index.json").exists()
+    assert len(list(folder.glob("model-*.safetensors"))) > 1
+    return folder
+
+
+def tokens(length, seed=1):
+    return torch.randint(3, VOCAB, (2, length), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_same_as_transformers(model, hf_model, length=200):
+    """Logits (fp32, 1e-5) at positions past a 64-token original window, and 20 greedy tokens."""
+    idx = tokens(length)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf_model(idx).logits, atol=1e-5, rtol=0)
+        prompt = tokens(12, seed=2)[:1]
+        reference = hf_model.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[0, 12:].tolist()
+    assert model.generate(prompt.tolist(), max_new_tokens=20)[0] == reference
+
+
+FAMILIES = ["llama-3.1", "llama-3.2", "mistral", "qwen2.5"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_folder_matches_transformers(tmp_path, family):
+    hf_model = family_model(family).eval()
+    folder = save_sharded(hf_model, tmp_path / family)
+    model = load_checkpoint(folder)
+    assert_same_as_transformers(model, hf_model)
+    # the parameter count is transformers' (tied embeddings counted once)
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in hf_model.parameters())
+    tied = hf_model.config.tie_word_embeddings
+    assert (model.output.weight is model.tok_embeddings.weight) == tied
+
+
+def test_eos_list_is_passed_on(tmp_path):
+    folder = save_sharded(family_model("llama-3.1"), tmp_path / "l31")
+    config, _ = model_config(str(folder))
+    assert config.eos_id == 2 and config.eos_ids == (2, 3) and config.rope_factor == 8.0
+
+
+def test_llama3_scaling_changes_the_long_wavelengths_only():
+    """Independent of transformers: Meta's rule on a few frequencies by hand."""
+    config = ModelConfig(dim=64, n_head=4, n_layer=1, vocab_size=10, ffn_dim=8, rope_theta=500000.0,
+                         rope_factor=8.0, rope_original_max_len=64)
+    plain = 1.0 / 500000.0 ** (torch.arange(0, 16, 2).float() / 16)
+    scaled = rotary_frequencies(config)
+    wavelen = 2 * torch.pi / plain
+    assert torch.equal(scaled[wavelen < 16], plain[wavelen < 16])        # < 64 / high_freq_factor
+    torch.testing.assert_close(scaled[wavelen > 64], plain[wavelen > 64] / 8)  # > 64 / low_freq_factor
+
+
+def write_meta_llama3(folder, hf_model, tied):
+    """Meta's Llama 3 layout: params.json with use_scaled_rope, consolidated.00.pth."""
+    folder.mkdir()
+    c = hf_model.config
+    params = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers, "n_heads": c.num_attention_heads,
+              "n_kv_heads": c.num_key_value_heads, "vocab_size": c.vocab_size, "multiple_of": 32,
+              "ffn_dim_multiplier": 1.0, "norm_eps": c.rms_norm_eps, "rope_theta": 500000.0,
+              "use_scaled_rope": True}
+    (folder / "params.json").write_text(json.dumps(params))
+    state = meta_state_dict(hf_model)
+    del state["rope.freqs"]
+    if tied:
+        del state["output.weight"]
+    torch.save(state, folder / "consolidated.00.pth")
+    return folder
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_meta_llama3_folder_with_scaled_rope(tmp_path, tied):
+    """use_scaled_rope: true alone; a model narrower than 4096 is Llama 3.2 (factor 32, window 8192)."""
+    torch.manual_seed(0)
+    hf_model = randomize_(LlamaForCausalLM(LlamaConfig(
+        **SHAPES, rope_theta=500000.0, tie_word_embeddings=tied, eos_token_id=2,
+        rope_scaling={**LLAMA3_ROPE, "factor": 32.0, "original_max_position_embeddings": 8192})))
+    assert FFN == 32 * -(-int(2 * 4 * DIM / 3) // 32)  # Meta's FFN rule gives transformers' width
+    folder = write_meta_llama3(tmp_path / "meta", hf_model, tied)
+    model = load_checkpoint(folder)
+    assert model.config.rope_factor == 32.0
+    assert_same_as_transformers(model, hf_model)
+
+
+def write_refused(folder, **fields):
+    folder.mkdir()
+    config = {"model_type": "llama", "hidden_size": DIM, "num_attention_heads": N_HEAD,
+              "num_hidden_layers": N_LAYER, "intermediate_size": FFN, "vocab_size": VOCAB, **fields}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("fields, words", [
+    ({"model_type": "qwen3"}, ["qwen3", "q and k are RMS-normalised"]),
+    ({"model_type": "gemma"}, ["gemma", "not supported"]),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ["rope_scaling", "yarn"]),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, ["rope_scaling", "linear"]),
+    ({"model_type": "qwen2", "use_sliding_window": True}, ["use_sliding_window"]),
+])
+def test_what_cannot_run_exactly_is_refused_in_one_line(tmp_path, fields, words):
+    folder = write_refused(tmp_path / "f", **fields)
+    with pytest.raises(CheckpointError) as error:
+        model_config(str(folder))
+    message = str(error.value)
+    assert "\n" not in message and all(w in message for w in words), message
+
+
+def test_mistral_window_shorter_than_the_run_is_refused(tmp_path, capsys):
+    torch.manual_seed(0)
+    config = MistralConfig(**{**SHAPES, "vocab_size": 259}, sliding_window=32, tie_word_embeddings=False)
+    folder = tmp_path / "mistral-w32"
+    MistralForCausalLM(config).save_pretrained(folder)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        train_script.main(["--model", str(folder), "--task", "math", "--max_steps", "1",
+                           "--cutoff_len", "64", "--out_dir", str(out)])
+    assert stop.value.code in (1, 2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "sliding_window is 32" in err[0], err
+    assert not out.exists()
+
+
+def test_tied_output_is_never_an_adapter_target_and_merge_keeps_it_shared():
+    from machinery import adapters
+    config = ModelConfig(dim=64, n_head=4, n_kv_heads=2, n_layer=2, vocab_size=VOCAB, ffn_dim=FFN,
+                         tie_embeddings=True)
+    model = Transformer(config)
+    cfg = adapters.make_config("lora", r=4, alpha=8, dropout=0.0, gate_pool="mean")
+    adapters.add_adapters(model, cfg) if hasattr(adapters, "add_adapters") else None
+    assert model.output.weight is model.tok_embeddings.weight
