@@ -150,11 +150,23 @@ def test_what_cannot_run_exactly_is_refused_in_one_line(tmp_path, fields, words)
     assert "\n" not in message and all(w in message for w in words), message
 
 
+def write_byte_bpe(folder):
+    """A GPT-2 style tokenizer with no merges: every byte one token (ids 3..258), <|endoftext|> 2,
+    so that train.py reads text for these folders (their real tokenizers are not this helper's)."""
+    from data import bytes_to_unicode
+    vocab = {char: 3 + byte for byte, char in bytes_to_unicode().items()}
+    (folder / "vocab.json").write_text(json.dumps({**vocab, "<|endoftext|>": 2}))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return folder
+
+
 def test_mistral_window_shorter_than_the_run_is_refused(tmp_path, capsys):
     torch.manual_seed(0)
     config = MistralConfig(**{**SHAPES, "vocab_size": 259}, sliding_window=32, tie_word_embeddings=False)
     folder = tmp_path / "mistral-w32"
     MistralForCausalLM(config).save_pretrained(folder)
+    write_byte_bpe(folder)
+    capsys.readouterr()  # transformers' progress bars while saving are not the run's output
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as stop:
         train_script.main(["--model", str(folder), "--task", "math", "--max_steps", "1",
