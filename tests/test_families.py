@@ -2,6 +2,7 @@
 config classes), saved in the real on-disk layouts, read by our loader; transformers' logits and
 greedy tokens are the reference."""
 import json
+import math
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
                           Qwen2Config, Qwen2ForCausalLM)
 
 import train as train_script
+from machinery import adapters
 from machinery.checkpoints import load_checkpoint, model_config
 from model import CheckpointError, ModelConfig, Transformer, rotary_frequencies
 from test_model import meta_state_dict, randomize_
@@ -177,11 +179,47 @@ def test_mistral_window_shorter_than_the_run_is_refused(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_tied_output_is_never_an_adapter_target_and_merge_keeps_it_shared():
-    from machinery import adapters
-    config = ModelConfig(dim=64, n_head=4, n_kv_heads=2, n_layer=2, vocab_size=VOCAB, ffn_dim=FFN,
-                         tie_embeddings=True)
-    model = Transformer(config)
-    cfg = adapters.make_config("lora", r=4, alpha=8, dropout=0.0, gate_pool="mean")
-    adapters.add_adapters(model, cfg) if hasattr(adapters, "add_adapters") else None
+@pytest.mark.parametrize("family", ["llama-3.2", "qwen2.5"])
+def test_tied_output_is_never_an_adapter_target_and_merge_keeps_it_shared(tmp_path, family):
+    """LoRA on every target of a tied (and for Qwen2 biased) model: the shared matrix stays one
+    frozen parameter, and merging W += lambda B A gives the unmerged logits."""
+    model = load_checkpoint(save_sharded(family_model(family), tmp_path / family))
+    cfg = adapters.make_config("ffn-all", r=4, alpha=8, dropout=0.0, gate_pool="mean")
+    cfg.method, cfg.attention_gate, cfg.ffn_gate = "lora", False, "none"  # mergeable: plain LoRA
+    replaced = adapters.add_adapters(model, cfg)
+    assert not any("output" in n or "tok_embeddings" in n for n in replaced)
     assert model.output.weight is model.tok_embeddings.weight
+    assert not model.output.weight.requires_grad
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    # LoRA's count: r (d_in + d_out) for q, v (the paper's attention targets), gate, up, down
+    per_layer = 4 * ((DIM + DIM) + (DIM + N_KV * DIM // N_HEAD) + 3 * (DIM + FFN))
+    assert sum(p.numel() for p in trainable.values()) == N_LAYER * per_layer
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in trainable.items():  # B starts at 0: make the update real
+            param.normal_(0, 0.05)
+        idx = tokens(40)
+        unmerged = model(idx)
+        adapters.merge(model)
+        torch.testing.assert_close(model(idx), unmerged, atol=1e-5, rtol=0)
+    assert model.output.weight is model.tok_embeddings.weight
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_train_two_steps_on_a_family_folder(tmp_path, data_dir, family):
+    """train.py's main in-process on the tiny sharded folder: two InterLoRA steps that move B,
+    the adapter file without the (shared) embedding, and loadable onto the folder's model."""
+    hf_model = family_model(family)
+    folder = write_byte_bpe(save_sharded(hf_model, tmp_path / family))
+    out = tmp_path / "run"
+    train_script.main(["--model", str(folder), "--task", "math", "--max_steps", "2",
+                       "--micro_batch_size", "2", "--grad_accum", "1", "--cutoff_len", "64",
+                       "--data_dir", str(data_dir), "--out_dir", str(out), "--device", "cpu"])
+    losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(map(math.isfinite, losses))
+    tensors = torch.load(out / "adapter.pt", weights_only=True)["tensors"]
+    assert tensors and not any("embed" in n or "output" in n for n in tensors), list(tensors)
+    assert any(n.endswith("lora_B.weight") and t.abs().sum() > 0 for n, t in tensors.items())
+    model = load_checkpoint(folder)  # the adapter file fits the folder's model again
+    adapters.load_adapter(model, out / "adapter.pt")
+    assert model.output.weight is model.tok_embeddings.weight or not hf_model.config.tie_word_embeddings
