@@ -16,7 +16,8 @@ from model import CheckpointError, ModelConfig, Transformer, rotary_frequencies
 from test_model import meta_state_dict, randomize_
 
 VOCAB, DIM, N_LAYER, N_HEAD, N_KV, FFN = 300, 64, 2, 4, 2, 192
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64}
 SHAPES = dict(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=FFN, num_hidden_layers=N_LAYER,
               num_attention_heads=N_HEAD, num_key_value_heads=N_KV, max_position_embeddings=512,
@@ -31,14 +32,17 @@ def family_model(family):
                              eos_token_id=[2, 3], tie_word_embeddings=False)
         return randomize_(LlamaForCausalLM(config))
     if family == "llama-3.2":  # tied embeddings, factor 32
-        config = LlamaConfig(**SHAPES, rope_theta=500000.0, rope_scaling={**LLAMA3_ROPE, "factor": 32.0},
+        config = LlamaConfig(**SHAPES, rope_theta=500000.0,
+                             rope_scaling={**LLAMA3_ROPE, "factor": 32.0},
                              eos_token_id=2, tie_word_embeddings=True)
         return randomize_(LlamaForCausalLM(config))
     if family == "mistral":
-        config = MistralConfig(**SHAPES, sliding_window=4096, eos_token_id=2, tie_word_embeddings=False)
+        config = MistralConfig(**SHAPES, sliding_window=4096, eos_token_id=2,
+                               tie_word_embeddings=False)
         return randomize_(MistralForCausalLM(config))
     if family == "qwen2.5":  # q/k/v biases (randomized by randomize_), tied, rope_theta 1e6
-        config = Qwen2Config(**SHAPES, rope_theta=1e6, tie_word_embeddings=True, use_sliding_window=False,
+        config = Qwen2Config(**SHAPES, rope_theta=1e6, tie_word_embeddings=True,
+                             use_sliding_window=False,
                              eos_token_id=2)
         return randomize_(Qwen2ForCausalLM(config))
     raise ValueError(family)
@@ -76,7 +80,8 @@ def test_hf_folder_matches_transformers(tmp_path, family):
     model = load_checkpoint(folder)
     assert_same_as_transformers(model, hf_model)
     # the parameter count is transformers' (tied embeddings counted once)
-    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in hf_model.parameters())
+    count = sum(p.numel() for p in hf_model.parameters())
+    assert sum(p.numel() for p in model.parameters()) == count
     tied = hf_model.config.tie_word_embeddings
     assert (model.output.weight is model.tok_embeddings.weight) == tied
 
@@ -95,14 +100,16 @@ def test_llama3_scaling_changes_the_long_wavelengths_only():
     scaled = rotary_frequencies(config)
     wavelen = 2 * torch.pi / plain
     assert torch.equal(scaled[wavelen < 16], plain[wavelen < 16])        # < 64 / high_freq_factor
-    torch.testing.assert_close(scaled[wavelen > 64], plain[wavelen > 64] / 8)  # > 64 / low_freq_factor
+    long = wavelen > 64  # > 64 / low_freq_factor
+    torch.testing.assert_close(scaled[long], plain[long] / 8)
 
 
 def write_meta_llama3(folder, hf_model, tied):
     """Meta's Llama 3 layout: params.json with use_scaled_rope, consolidated.00.pth."""
     folder.mkdir()
     c = hf_model.config
-    params = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers, "n_heads": c.num_attention_heads,
+    params = {"dim": c.hidden_size, "n_layers": c.num_hidden_layers,
+              "n_heads": c.num_attention_heads,
               "n_kv_heads": c.num_key_value_heads, "vocab_size": c.vocab_size, "multiple_of": 32,
               "ffn_dim_multiplier": 1.0, "norm_eps": c.rms_norm_eps, "rope_theta": 500000.0,
               "use_scaled_rope": True}
@@ -117,7 +124,8 @@ def write_meta_llama3(folder, hf_model, tied):
 
 @pytest.mark.parametrize("tied", [False, True])
 def test_meta_llama3_folder_with_scaled_rope(tmp_path, tied):
-    """use_scaled_rope: true alone; a model narrower than 4096 is Llama 3.2 (factor 32, window 8192)."""
+    """use_scaled_rope: true alone; a model narrower than 4096 is Llama 3.2 (factor 32,
+    window 8192)."""
     torch.manual_seed(0)
     hf_model = randomize_(LlamaForCausalLM(LlamaConfig(
         **SHAPES, rope_theta=500000.0, tie_word_embeddings=tied, eos_token_id=2,
@@ -164,7 +172,8 @@ def write_byte_bpe(folder):
 
 def test_mistral_window_shorter_than_the_run_is_refused(tmp_path, capsys):
     torch.manual_seed(0)
-    config = MistralConfig(**{**SHAPES, "vocab_size": 259}, sliding_window=32, tie_word_embeddings=False)
+    config = MistralConfig(**{**SHAPES, "vocab_size": 259}, sliding_window=32,
+                           tie_word_embeddings=False)
     folder = tmp_path / "mistral-w32"
     MistralForCausalLM(config).save_pretrained(folder)
     write_byte_bpe(folder)
@@ -222,4 +231,24 @@ def test_train_two_steps_on_a_family_folder(tmp_path, data_dir, family):
     assert any(n.endswith("lora_B.weight") and t.abs().sum() > 0 for n, t in tensors.items())
     model = load_checkpoint(folder)  # the adapter file fits the folder's model again
     adapters.load_adapter(model, out / "adapter.pt")
-    assert model.output.weight is model.tok_embeddings.weight or not hf_model.config.tie_word_embeddings
+    tied = model.output.weight is model.tok_embeddings.weight
+    assert tied == hf_model.config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("dim, factor", [(2048, 32.0), (3072, 32.0), (4096, 8.0), (8192, 8.0)])
+def test_meta_params_json_scaling_factor_follows_the_width(tmp_path, dim, factor):
+    """Meta's params.json says only use_scaled_rope: Llama 3.2 (1B 2048, 3B 3072 wide) is 32,
+    3.1/3.3 (8B 4096, 70B 8192, 405B 16384) 8, as their published config.json files say."""
+    folder = tmp_path / "meta"
+    folder.mkdir()
+    params = {"dim": dim, "n_layers": 2, "n_heads": dim // 128, "n_kv_heads": 8,
+              "vocab_size": 128256,
+              "multiple_of": 256, "ffn_dim_multiplier": 1.5, "norm_eps": 1e-5,
+              "rope_theta": 500000.0, "use_scaled_rope": True}
+    (folder / "params.json").write_text(json.dumps(params))
+    config, _ = model_config(str(folder))
+    assert (config.rope_factor, config.rope_original_max_len) == (factor, 8192)
+    assert (config.rope_low_freq_factor, config.rope_high_freq_factor) == (1.0, 4.0)
+    params["use_scaled_rope"] = False
+    (folder / "params.json").write_text(json.dumps(params))
+    assert model_config(str(folder))[0].rope_factor == 0.0
