@@ -53,13 +53,15 @@ class ModelConfig:
     eos_id: int = 2                # the first end id when the checkpoint names several
     eos_ids: tuple = ()            # every end id of the checkpoint (Llama 3's eos_token_id lists)
     qkv_bias: bool = False         # Qwen2: biases on q, k and v
-    tie_embeddings: bool = False   # the output layer is the embedding matrix (Llama 3.2 1B/3B, Qwen2.5)
+    # the output layer is the embedding matrix (Llama 3.2 1B/3B, small Qwen2.5)
+    tie_embeddings: bool = False
     # rope scaling of type llama3 (Llama 3.1+); rope_factor 0: plain rotary
     rope_factor: float = 0.0
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_max_len: int = 8192
-    sliding_window: int = 0        # Mistral: 0 none; sequences must not exceed it (refused otherwise)
+    # Mistral: 0 none; a run whose sequences exceed it is refused (machinery/checkpoints.py)
+    sliding_window: int = 0
 
     def __post_init__(self):
         if self.family not in ("llama", "gptj"):
@@ -126,7 +128,8 @@ def rotary_frequencies(config, device=None):
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, device=device).float() / dim)
     if not config.rope_factor:
         return inv_freq
-    factor, low, high = config.rope_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+    factor = config.rope_factor
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
     original = config.rope_original_max_len
     wavelen = 2 * math.pi / inv_freq
     smooth = (original / wavelen - low) / (high - low)

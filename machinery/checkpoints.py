@@ -227,7 +227,8 @@ def _meta_config(folder):
     return ModelConfig(family="llama", vocab_size=vocab_size, dim=dim, n_layer=_positive_int(params, "n_layers", path),
                        n_head=_positive_int(params, "n_heads", path), n_kv_heads=params.get("n_kv_heads") or 0,
                        ffn_dim=ffn_dim, norm_eps=params.get("norm_eps", 1e-5),
-                       rope_theta=params.get("rope_theta", 10000.0), max_seq_len=params.get("max_seq_len", 2048),
+                       rope_theta=params.get("rope_theta", 10000.0),
+                       max_seq_len=params.get("max_seq_len", 2048),
                        tie_embeddings=tied, **rope)
 
 
@@ -263,9 +264,11 @@ def _hf_rope(hf, path, refuse):
     except (KeyError, TypeError, ValueError):
         refuse(field, "llama3 scaling needs factor, low_freq_factor, high_freq_factor and "
                       "original_max_position_embeddings as numbers")
-    if not (args["rope_factor"] > 0 and args["rope_high_freq_factor"] > args["rope_low_freq_factor"] > 0
+    low, high = args["rope_low_freq_factor"], args["rope_high_freq_factor"]
+    if not (args["rope_factor"] > 0 and high > low > 0
             and args["rope_original_max_len"] > 0):
-        refuse(field, "expected factor > 0, high_freq_factor > low_freq_factor > 0")
+        refuse(field, "expected factor > 0, high_freq_factor > low_freq_factor > 0 and "
+                      "original_max_position_embeddings > 0")
     return args
 
 
@@ -278,12 +281,14 @@ def _hf_config(folder):
         raise CheckpointError(f"{path}: model_type = {json.dumps(kind)} is not supported "
                               f"({_REFUSED_TYPES[kind]}); expected one of {', '.join(_HF_TYPES)}")
     if kind not in _HF_TYPES:
-        raise CheckpointError(f"{path}: model_type = {json.dumps(kind)} is not supported: expected one "
+        raise CheckpointError(f"{path}: model_type = {json.dumps(kind)} is not supported: "
+                              "expected one "
                               f"of {', '.join(_HF_TYPES)}")
     name = {"llama": "LLaMA", "mistral": "Mistral", "qwen2": "Qwen2", "gptj": "GPT-J"}[kind]
 
     def refuse(field, why):
-        raise CheckpointError(f"{path}: {field} = {json.dumps(hf[field])} is not supported ({why}); only "
+        raise CheckpointError(f"{path}: {field} = {json.dumps(hf[field])} is not supported "
+                              f"({why}); only "
                               f"plain {name} runs exactly here")
     if hf.get("quantization_config"):
         refuse("quantization_config", "pre-quantized weights: load the original ones and pass --quantize")
@@ -315,7 +320,7 @@ def _hf_config(folder):
                            ffn_dim=_positive_int(hf, "intermediate_size", path),
                            norm_eps=hf.get("rms_norm_eps", 1e-6),
                            max_seq_len=hf.get("max_position_embeddings", 2048),
-                           bos_id=hf.get("bos_token_id", 1) if hf.get("bos_token_id") is not None else 1,
+                           bos_id=1 if hf.get("bos_token_id") is None else hf["bos_token_id"],
                            eos_id=eos_ids[0], eos_ids=tuple(eos_ids), qkv_bias=kind == "qwen2",
                            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                            sliding_window=window, **rope_args), hf
@@ -331,7 +336,8 @@ def _hf_config(folder):
                        n_layer=_positive_int(hf, "n_layer", path), n_head=_positive_int(hf, "n_head", path),
                        ffn_dim=hf.get("n_inner") or 4 * dim, rotary_dim=_positive_int(hf, "rotary_dim", path),
                        norm_eps=hf.get("layer_norm_epsilon", 1e-5), max_seq_len=hf.get("n_positions", 2048),
-                       bos_id=hf.get("bos_token_id", 50256), eos_id=eos_ids[0], eos_ids=tuple(eos_ids)), hf
+                       bos_id=hf.get("bos_token_id", 50256), eos_id=eos_ids[0],
+                       eos_ids=tuple(eos_ids)), hf
 
 
 def read_config(folder):
@@ -379,8 +385,9 @@ def check_window(config, seq_len, what):
     """Refuse a run whose sequences (seq_len tokens) reach past a sliding attention window: model.py
     attends to every earlier token, which equals sliding-window attention only inside the window."""
     if config.sliding_window and seq_len > config.sliding_window:
-        raise CheckpointError(f"{what} makes sequences of {seq_len} tokens but the model's sliding_window "
-                              f"is {config.sliding_window}: attention past the window is not implemented; "
+        raise CheckpointError(f"{what} makes sequences of {seq_len} tokens but the model's "
+                              f"sliding_window is {config.sliding_window}: attention past the window "
+                              "is not implemented; "
                               f"use sequences of at most {config.sliding_window} tokens")
 
 
@@ -495,7 +502,8 @@ def _hf_tensors(folder, config, hf):
     stored = {}
     for file in _hf_weight_files(folder):
         stored.update(index_weights(file))
-    if config.tie_embeddings:  # transformers ties lm_head to the embedding: the file's copy is unused
+    # transformers ties lm_head to the embedding: a copy in the file is unused
+    if config.tie_embeddings:
         stored.pop("lm_head.weight", None)
     for hf_name, tensor in stored.items():
         if hf_name.endswith(_HF_DROPPED):

@@ -252,3 +252,24 @@ def test_meta_params_json_scaling_factor_follows_the_width(tmp_path, dim, factor
     params["use_scaled_rope"] = False
     (folder / "params.json").write_text(json.dumps(params))
     assert model_config(str(folder))[0].rope_factor == 0.0
+
+
+def test_mistral_window_equal_to_the_sequence_is_exact(tmp_path):
+    """transformers' window lets a token see the W - 1 before it: a sequence of exactly W tokens
+    is the longest that full causal attention computes exactly, so check_window accepts it."""
+    from machinery.checkpoints import check_window
+    torch.manual_seed(0)
+    config = MistralConfig(**SHAPES, sliding_window=32, eos_token_id=2, tie_word_embeddings=False)
+    hf_model = randomize_(MistralForCausalLM(config))
+    folder = tmp_path / "mistral-w32"
+    hf_model.save_pretrained(folder)
+    model = load_checkpoint(folder)
+    check_window(model.config, 32, "a test")
+    with pytest.raises(CheckpointError):
+        check_window(model.config, 33, "a test")
+    idx = tokens(32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx), hf_model(idx).logits, atol=1e-5, rtol=0)
+        # one token more and transformers' window cuts the first token off: the refusal is needed
+        longer = tokens(33)
+        assert not torch.allclose(model(longer)[:, -1], hf_model(longer).logits[:, -1], atol=1e-5)
