@@ -246,12 +246,21 @@ _REFUSED_TYPES = {
 
 def _hf_rope(hf, path, refuse):
     """ModelConfig's rope fields from config.json: rope_theta, and llama3 scaling if named."""
-    field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    # transformers 5 writes rope_parameters (with rope_theta in it), older files rope_scaling;
+    # a file may hold both, so the one that names a scaling decides
+    fields = [f for f in ("rope_parameters", "rope_scaling") if hf.get(f)]
+    for f in fields:
+        if not isinstance(hf[f], dict):
+            refuse(f, "expected an object")
+
+    def kind_of(rope):
+        return rope.get("rope_type", rope.get("type", "default"))
+    scaled = [f for f in fields if kind_of(hf[f]) != "default"]
+    field = (scaled or fields or ["rope_scaling"])[0]
     rope = hf.get(field) or {}
-    if not isinstance(rope, dict):
-        refuse(field, "expected an object")
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    kind = kind_of(rope)
+    theta = next((hf[f]["rope_theta"] for f in fields if "rope_theta" in hf[f]),
+                 hf.get("rope_theta", 10000.0))
     if kind == "default":
         return dict(rope_theta=theta)
     if kind != "llama3":
@@ -509,7 +518,8 @@ def _hf_tensors(folder, config, hf):
         if hf_name.endswith(_HF_DROPPED):
             continue
         name = _rename(hf_name, templates)
-        if name is None:
+        # q/k/v biases belong to Qwen2 only: in a LLaMA or Mistral file they are unexpected
+        if name is None or name.endswith(".bias") and config.family == "llama" and not config.qkv_bias:
             raise CheckpointError(f"{folder}: unexpected tensor {hf_name} in a {config.family} checkpoint")
         heads = None
         if config.family == "llama" and name.endswith(("attention.wq.weight", "attention.wk.weight",

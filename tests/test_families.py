@@ -150,6 +150,8 @@ def write_refused(folder, **fields):
     ({"model_type": "gemma"}, ["gemma", "not supported"]),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ["rope_scaling", "yarn"]),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, ["rope_scaling", "linear"]),
+    ({"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0},
+      "rope_scaling": {"rope_type": "default"}}, ["rope_parameters", "dynamic"]),
     ({"model_type": "qwen2", "use_sliding_window": True}, ["use_sliding_window"]),
 ])
 def test_what_cannot_run_exactly_is_refused_in_one_line(tmp_path, fields, words):
