@@ -275,3 +275,21 @@ def test_mistral_window_equal_to_the_sequence_is_exact(tmp_path):
         # one token more and transformers' window cuts the first token off: the refusal is needed
         longer = tokens(33)
         assert not torch.allclose(model(longer)[:, -1], hf_model(longer).logits[:, -1], atol=1e-5)
+
+
+def test_eval_refuses_prompts_plus_answers_past_the_window(tmp_path, data_dir, capsys):
+    import eval as eval_script
+    config = MistralConfig(**SHAPES, sliding_window=32, tie_word_embeddings=False)
+    folder = tmp_path / "mistral-w32"
+    MistralForCausalLM(config).save_pretrained(folder)
+    write_byte_bpe(folder)
+    capsys.readouterr()
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit) as stop:
+        eval_script.main(["--model", str(folder), "--base", "--task", "math", "--data_dir",
+                          str(data_dir), "--max_new_tokens", "8", "--out_dir", str(out)])
+    assert stop.value.code in (1, 2)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    assert "--max_new_tokens 8" in err[0] and "sliding_window is 32" in err[0], err
+    assert not out.exists()
