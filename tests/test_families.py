@@ -293,3 +293,17 @@ def test_eval_refuses_prompts_plus_answers_past_the_window(tmp_path, data_dir, c
     assert len(err) == 1 and err[0].startswith("error:"), err
     assert "--max_new_tokens 8" in err[0] and "sliding_window is 32" in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_memory_plan_counts_tied_and_biased_weights_once(tmp_path, family, quantize):
+    """machinery/memory.py's weight bytes are the loaded model's (a shared matrix counted once)."""
+    from machinery.memory import weight_bytes
+    from machinery.quantize import quantize_model
+    model = load_checkpoint(save_sharded(family_model(family), tmp_path / family))
+    if quantize:
+        quantize_model(model, quantize)
+    stored = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
+    total = sum(t.numel() * t.element_size() for t in stored)
+    assert sum(weight_bytes(model.config, "fp32", quantize).values()) == total
