@@ -32,7 +32,7 @@ from machinery import memory  # noqa: E402
 from machinery import runs  # noqa: E402
 from data import DataError, extract_answer, generate_prompt, is_correct, load_task, tokenizer_for  # noqa: E402
 from machinery.memory import NotEnoughMemory  # noqa: E402
-from machinery.checkpoints import load_model, model_config  # noqa: E402
+from machinery.checkpoints import check_window, load_model, model_config  # noqa: E402
 from model import CheckpointError  # noqa: E402
 from machinery.quantize import QUANTIZE_KINDS  # noqa: E402
 from machinery.runs import RunError  # noqa: E402
@@ -159,6 +159,7 @@ def plan(s):
     tokenizer = tokenizer_for(folder)
     # the longest sequence a batch holds: the longest prompt and the answer
     seq_len = max((len(tokenizer.encode(p)) for p in prompts.values()), default=1) + max_new_tokens
+    check_window(config, seq_len, f"the longest prompt + --max_new_tokens {max_new_tokens}")
     s.dtype, note = memory.plan(config, s.device, s.dtype, s.quantize or None, training=False,
                                 batch_size=min(s.batch_size, max(1, len(prompts))), seq_len=seq_len)
     run = {"model": model_name, "task": task_name, "base": s.base, "max_new_tokens": max_new_tokens,

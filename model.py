@@ -21,6 +21,7 @@ positions then start at P), which is also how a learned prefix reaches attention
 
 This file never imports interlora.py: adapters are added to a loaded model from outside.
 """
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -49,12 +50,24 @@ class ModelConfig:
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
     bos_id: int = 1
-    eos_id: int = 2
+    eos_id: int = 2                # the first end id when the checkpoint names several
+    eos_ids: tuple = ()            # every end id of the checkpoint (Llama 3's eos_token_id lists)
+    qkv_bias: bool = False         # Qwen2: biases on q, k and v
+    # the output layer is the embedding matrix (Llama 3.2 1B/3B, small Qwen2.5)
+    tie_embeddings: bool = False
+    # rope scaling of type llama3 (Llama 3.1+); rope_factor 0: plain rotary
+    rope_factor: float = 0.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
+    # Mistral: 0 none; a run whose sequences exceed it is refused (machinery/checkpoints.py)
+    sliding_window: int = 0
 
     def __post_init__(self):
         if self.family not in ("llama", "gptj"):
             raise CheckpointError(f"model family {self.family!r} is not supported: expected llama or gptj")
         self.n_kv_heads = self.n_kv_heads or self.n_head
+        self.eos_ids = tuple(self.eos_ids) or (self.eos_id,)
         self.rotary_dim = self.rotary_dim or self.head_dim
         if self.dim % self.n_head or self.n_head % self.n_kv_heads or self.rotary_dim % 2:
             raise CheckpointError(f"inconsistent model shape: dim {self.dim}, {self.n_head} heads, "
@@ -105,9 +118,29 @@ class RMSNorm(nn.Module):
         return x_float.type_as(x) * self.weight
 
 
-def rotary_cos_sin(positions, rotary_dim, theta):
+def rotary_frequencies(config, device=None):
+    """The rotary inverse frequencies (rotary_dim // 2,) in fp32, with Llama 3's scaling if set.
+
+    llama3 scaling (Meta's apply_scaling): wavelengths shorter than original / high_freq_factor
+    are kept, longer than original / low_freq_factor divided by factor, and in between a smooth
+    interpolation of the two."""
+    dim = config.rotary_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, device=device).float() / dim)
+    if not config.rope_factor:
+        return inv_freq
+    factor = config.rope_factor
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    original = config.rope_original_max_len
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    mixed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    middle = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(middle, mixed, scaled)
+
+
+def rotary_cos_sin(positions, inv_freq):
     """cos and sin of the rotary angles, each (B, T, 1, rotary_dim // 2), in fp32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, rotary_dim, 2, device=positions.device).float() / rotary_dim)
     angles = positions[..., None].float() * inv_freq  # (B, T, rotary_dim // 2)
     return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
 
@@ -141,9 +174,10 @@ class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.n_head, self.n_kv_heads, self.head_dim = config.n_head, config.n_kv_heads, config.head_dim
-        self.wq = nn.Linear(config.dim, config.n_head * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        bias = config.qkv_bias
+        self.wq = nn.Linear(config.dim, config.n_head * self.head_dim, bias=bias)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(config.n_head * self.head_dim, config.dim, bias=False)
         self.cache = None  # a KVCache while generating
 
@@ -221,6 +255,8 @@ class Transformer(nn.Module):
         else:
             self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=config.family == "gptj")
+        if config.tie_embeddings:  # one shared matrix: a parameter of the embedding, counted once
+            self.output.weight = self.tok_embeddings.weight
         self.grad_checkpointing = False  # recompute each block in backward to save memory
         self.apply(self._init_weights)   # free on the meta device; real checkpoints overwrite it
 
@@ -294,7 +330,7 @@ class Transformer(nn.Module):
                 mask = F.pad(mask, (P, 0), value=True)  # (B|1, 1, T, P + S)
         if P:
             positions = positions + P
-        cos, sin = rotary_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta)
+        cos, sin = rotary_cos_sin(positions, rotary_frequencies(self.config, idx.device))
 
         x = self.tok_embeddings(idx)  # (B, T, dim)
         for i, layer in enumerate(self.layers):

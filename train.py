@@ -42,7 +42,7 @@ from machinery import memory  # noqa: E402
 from machinery import runs  # noqa: E402
 from data import TASKS, DataError, collate, load_task, tokenize_item, tokenizer_for  # noqa: E402
 from machinery.memory import NotEnoughMemory  # noqa: E402
-from machinery.checkpoints import load_model, model_config  # noqa: E402
+from machinery.checkpoints import check_window, load_model, model_config  # noqa: E402
 from model import CheckpointError, Transformer  # noqa: E402
 from machinery.quantize import QUANTIZE_KINDS  # noqa: E402
 from machinery.runs import RunError  # noqa: E402
@@ -210,6 +210,7 @@ def train(s):
     # fail in seconds, before minutes of loading, and leave no output folder behind
     config, folder = model_config(s.model, s.checkpoint_dir or None)  # reads params.json / config.json only
     s.checkpoint_dir = str(folder) if folder else ""
+    check_window(config, s.cutoff_len, f"--cutoff_len {s.cutoff_len}")
     cfg = adapters.make_config(s.method, r=s.r, alpha=s.alpha, dropout=s.dropout, gate_pool=s.gate_pool)
     n_trainable = trainable_parameters(config, cfg)
     if s.resume and not s.dtype:  # a resumed run keeps the dtype it started with

@@ -196,9 +196,9 @@ def _meta_config(folder):
     if unknown:
         raise CheckpointError(f"{path}: {unknown[0]} = {json.dumps(params[unknown[0]])} is a field this loader "
                               "does not know, so it cannot promise to run the model exactly")
-    if params.get("use_scaled_rope"):
-        raise CheckpointError(f"{path}: use_scaled_rope = true (Llama 3.1's rope scaling) is not supported; "
-                              "only plain rotary is")
+    if params.get("use_scaled_rope") not in (None, True, False):
+        raise CheckpointError(f"{path}: use_scaled_rope = {json.dumps(params['use_scaled_rope'])}, "
+                              "expected true or false")
     # Meta's FFN width: 2/3 of 4*dim, times an optional multiplier, rounded up to multiple_of
     dim = _positive_int(params, "dim", path)
     ffn_dim = int(2 * 4 * dim / 3)
@@ -214,10 +214,71 @@ def _meta_config(folder):
         if "tok_embeddings.weight" not in index:
             raise CheckpointError(f"{folder}: consolidated.00.pth has no tok_embeddings.weight: is it LLaMA?")
         vocab_size = index["tok_embeddings.weight"].shape[0]
+    # Llama 3.2's 1B and 3B may ship without an output matrix: the embedding serves as one
+    shards = sorted(folder.glob("consolidated.*.pth"))
+    tied = bool(shards) and "output.weight" not in index_torch_file(shards[0])
+    rope = {}
+    if params.get("use_scaled_rope"):
+        # Meta's fixed constants (llama-models' apply_scaling): factor 8 for Llama 3.1 and 3.3;
+        # Llama 3.2 (1B dim 2048, 3B dim 3072; every 3.1/3.3 model is at least 4096 wide) uses 32,
+        # as transformers' convert_llama_weights_to_hf.py sets for version 3.2
+        rope = dict(rope_factor=32.0 if dim < 4096 else 8.0, rope_low_freq_factor=1.0,
+                    rope_high_freq_factor=4.0, rope_original_max_len=8192)
     return ModelConfig(family="llama", vocab_size=vocab_size, dim=dim, n_layer=_positive_int(params, "n_layers", path),
                        n_head=_positive_int(params, "n_heads", path), n_kv_heads=params.get("n_kv_heads") or 0,
                        ffn_dim=ffn_dim, norm_eps=params.get("norm_eps", 1e-5),
-                       rope_theta=params.get("rope_theta", 10000.0), max_seq_len=params.get("max_seq_len", 2048))
+                       rope_theta=params.get("rope_theta", 10000.0),
+                       max_seq_len=params.get("max_seq_len", 2048),
+                       tie_embeddings=tied, **rope)
+
+
+# Hugging Face model types that run exactly on model.py's LLaMA (serial SwiGLU blocks, RMSNorm):
+# Mistral is LLaMA with a sliding window, Qwen2 LLaMA with q/k/v biases; and GPT-J.
+_HF_TYPES = ("llama", "mistral", "qwen2", "gptj")
+_REFUSED_TYPES = {
+    "qwen3": "its q and k are RMS-normalised per head, which model.py does not do",
+    "gemma": "Gemma scales the embedding, uses GeGLU and (1 + w) norms",
+    "gemma2": "Gemma 2 adds logit soft-capping and sliding-window layers",
+    "gemma3": "Gemma 3 adds q/k norms and sliding-window layers",
+    "qwen2_moe": "mixture-of-experts FFNs", "mixtral": "mixture-of-experts FFNs",
+}
+
+
+def _hf_rope(hf, path, refuse):
+    """ModelConfig's rope fields from config.json: rope_theta, and llama3 scaling if named."""
+    # transformers 5 writes rope_parameters (with rope_theta in it), older files rope_scaling;
+    # a file may hold both, so the one that names a scaling decides
+    fields = [f for f in ("rope_parameters", "rope_scaling") if hf.get(f)]
+    for f in fields:
+        if not isinstance(hf[f], dict):
+            refuse(f, "expected an object")
+
+    def kind_of(rope):
+        return rope.get("rope_type", rope.get("type", "default"))
+    scaled = [f for f in fields if kind_of(hf[f]) != "default"]
+    field = (scaled or fields or ["rope_scaling"])[0]
+    rope = hf.get(field) or {}
+    kind = kind_of(rope)
+    theta = next((hf[f]["rope_theta"] for f in fields if "rope_theta" in hf[f]),
+                 hf.get("rope_theta", 10000.0))
+    if kind == "default":
+        return dict(rope_theta=theta)
+    if kind != "llama3":
+        refuse(field, "rope scaling other than llama3; only plain rotary and llama3 are")
+    try:
+        args = dict(rope_theta=theta, rope_factor=float(rope["factor"]),
+                    rope_low_freq_factor=float(rope["low_freq_factor"]),
+                    rope_high_freq_factor=float(rope["high_freq_factor"]),
+                    rope_original_max_len=int(rope["original_max_position_embeddings"]))
+    except (KeyError, TypeError, ValueError):
+        refuse(field, "llama3 scaling needs factor, low_freq_factor, high_freq_factor and "
+                      "original_max_position_embeddings as numbers")
+    low, high = args["rope_low_freq_factor"], args["rope_high_freq_factor"]
+    if not (args["rope_factor"] > 0 and high > low > 0
+            and args["rope_original_max_len"] > 0):
+        refuse(field, "expected factor > 0, high_freq_factor > low_freq_factor > 0 and "
+                      "original_max_position_embeddings > 0")
+    return args
 
 
 def _hf_config(folder):
@@ -225,39 +286,53 @@ def _hf_config(folder):
     path = folder / "config.json"
     hf = _read_json(path)
     kind = hf.get("model_type")
-    if kind not in ("llama", "gptj"):
-        raise CheckpointError(f"{path}: model_type = {json.dumps(kind)} is not supported: expected llama or gptj")
+    if kind in _REFUSED_TYPES:
+        raise CheckpointError(f"{path}: model_type = {json.dumps(kind)} is not supported "
+                              f"({_REFUSED_TYPES[kind]}); expected one of {', '.join(_HF_TYPES)}")
+    if kind not in _HF_TYPES:
+        raise CheckpointError(f"{path}: model_type = {json.dumps(kind)} is not supported: "
+                              "expected one "
+                              f"of {', '.join(_HF_TYPES)}")
+    name = {"llama": "LLaMA", "mistral": "Mistral", "qwen2": "Qwen2", "gptj": "GPT-J"}[kind]
 
     def refuse(field, why):
-        raise CheckpointError(f"{path}: {field} = {json.dumps(hf[field])} is not supported ({why}); only plain "
-                              f"{'LLaMA' if kind == 'llama' else 'GPT-J'} runs exactly here")
+        raise CheckpointError(f"{path}: {field} = {json.dumps(hf[field])} is not supported "
+                              f"({why}); only "
+                              f"plain {name} runs exactly here")
     if hf.get("quantization_config"):
         refuse("quantization_config", "pre-quantized weights: load the original ones and pass --quantize")
-    if isinstance(hf.get("eos_token_id"), list):
-        refuse("eos_token_id", "several end tokens")
+    eos = hf.get("eos_token_id", 50256 if kind == "gptj" else 2)
+    eos_ids = eos if isinstance(eos, list) else [eos]  # Llama 3 instruct: [end_of_text, eom, eot]
+    if not eos_ids or not all(isinstance(i, int) and i >= 0 for i in eos_ids):
+        refuse("eos_token_id", "expected a token id or a list of them")
 
-    if kind == "llama":
-        for field in ("rope_scaling", "rope_parameters"):
-            rope = hf.get(field)
-            if rope and (not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) != "default"):
-                refuse(field, "rope scaling; only plain rotary is")
-        for field in ("attention_bias", "mlp_bias", "sliding_window"):
+    if kind != "gptj":
+        rope_args = _hf_rope(hf, path, refuse)
+        for field in ("mlp_bias",) + (("attention_bias",) if kind != "qwen2" else ()):
             if hf.get(field):
-                refuse(field, "LLaMA has no biases and full causal attention")
+                refuse(field, f"{name} has no such biases")
+        window = 0
+        if kind == "llama" and hf.get("sliding_window"):
+            refuse("sliding_window", "LLaMA has full causal attention")
+        if kind == "mistral" and hf.get("sliding_window"):
+            window = _positive_int(hf, "sliding_window", path)  # checked against each run's lengths
+        if kind == "qwen2" and hf.get("use_sliding_window"):
+            refuse("use_sliding_window", "sliding-window layers are not implemented")
         if hf.get("hidden_act", "silu") != "silu":
-            refuse("hidden_act", "LLaMA's FFN is SwiGLU")
+            refuse("hidden_act", f"{name}'s FFN is SwiGLU")
         dim, n_head = _positive_int(hf, "hidden_size", path), _positive_int(hf, "num_attention_heads", path)
         if hf.get("head_dim") not in (None, dim // n_head):
             refuse("head_dim", f"it must be hidden_size / num_attention_heads = {dim // n_head}")
-        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         return ModelConfig(family="llama", vocab_size=_positive_int(hf, "vocab_size", path), dim=dim,
                            n_layer=_positive_int(hf, "num_hidden_layers", path), n_head=n_head,
                            n_kv_heads=hf.get("num_key_value_heads") or 0,
                            ffn_dim=_positive_int(hf, "intermediate_size", path),
                            norm_eps=hf.get("rms_norm_eps", 1e-6),
-                           rope_theta=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
                            max_seq_len=hf.get("max_position_embeddings", 2048),
-                           bos_id=hf.get("bos_token_id", 1), eos_id=hf.get("eos_token_id", 2)), hf
+                           bos_id=1 if hf.get("bos_token_id") is None else hf["bos_token_id"],
+                           eos_id=eos_ids[0], eos_ids=tuple(eos_ids), qkv_bias=kind == "qwen2",
+                           tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                           sliding_window=window, **rope_args), hf
 
     if hf.get("activation_function", "gelu_new") != "gelu_new":
         refuse("activation_function", "GPT-J's MLP uses gelu_new (tanh)")
@@ -270,7 +345,8 @@ def _hf_config(folder):
                        n_layer=_positive_int(hf, "n_layer", path), n_head=_positive_int(hf, "n_head", path),
                        ffn_dim=hf.get("n_inner") or 4 * dim, rotary_dim=_positive_int(hf, "rotary_dim", path),
                        norm_eps=hf.get("layer_norm_epsilon", 1e-5), max_seq_len=hf.get("n_positions", 2048),
-                       bos_id=hf.get("bos_token_id", 50256), eos_id=hf.get("eos_token_id", 50256)), hf
+                       bos_id=hf.get("bos_token_id", 50256), eos_id=eos_ids[0],
+                       eos_ids=tuple(eos_ids)), hf
 
 
 def read_config(folder):
@@ -312,6 +388,16 @@ def model_config(model, checkpoint_dir=None):
         raise CheckpointError(f"model {model!r} is a folder and checkpoint_dir {checkpoint_dir!r} another one: "
                               "pass the checkpoint folder once")
     return read_config(folder), folder
+
+
+def check_window(config, seq_len, what):
+    """Refuse a run whose sequences (seq_len tokens) reach past a sliding attention window: model.py
+    attends to every earlier token, which equals sliding-window attention only inside the window."""
+    if config.sliding_window and seq_len > config.sliding_window:
+        raise CheckpointError(f"{what} makes sequences of {seq_len} tokens but the model's "
+                              f"sliding_window is {config.sliding_window}: attention past the window "
+                              "is not implemented; "
+                              f"use sequences of at most {config.sliding_window} tokens")
 
 
 def check_against_preset(config, name, where="checkpoint"):
@@ -369,6 +455,9 @@ _HF_LLAMA_KEYS = {
     "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
     "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attention.wk.weight",
     "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attention.wv.weight",
+    "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attention.wq.bias",  # Qwen2
+    "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attention.wk.bias",
+    "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attention.wv.bias",
     "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attention.wo.weight",
     "model.layers.{}.mlp.gate_proj.weight": "layers.{}.feed_forward.w1.weight",
     "model.layers.{}.mlp.down_proj.weight": "layers.{}.feed_forward.w2.weight",
@@ -422,18 +511,20 @@ def _hf_tensors(folder, config, hf):
     stored = {}
     for file in _hf_weight_files(folder):
         stored.update(index_weights(file))
-    if config.family == "llama" and "lm_head.weight" not in stored and hf.get("tie_word_embeddings") \
-            and "model.embed_tokens.weight" in stored:
-        stored["lm_head.weight"] = stored["model.embed_tokens.weight"]  # one source, read once
+    # transformers ties lm_head to the embedding: a copy in the file is unused
+    if config.tie_embeddings:
+        stored.pop("lm_head.weight", None)
     for hf_name, tensor in stored.items():
         if hf_name.endswith(_HF_DROPPED):
             continue
         name = _rename(hf_name, templates)
-        if name is None:
+        # q/k/v biases belong to Qwen2 only: in a LLaMA or Mistral file they are unexpected
+        if name is None or name.endswith(".bias") and config.family == "llama" and not config.qkv_bias:
             raise CheckpointError(f"{folder}: unexpected tensor {hf_name} in a {config.family} checkpoint")
         heads = None
-        if config.family == "llama" and name.endswith(("attention.wq.weight", "attention.wk.weight")):
-            heads = config.n_head if name.endswith("wq.weight") else config.n_kv_heads
+        if config.family == "llama" and name.endswith(("attention.wq.weight", "attention.wk.weight",
+                                                        "attention.wq.bias", "attention.wk.bias")):
+            heads = config.n_head if ".wq." in name else config.n_kv_heads
         yield name, [tensor], None, heads
 
 
@@ -512,9 +603,10 @@ def _materialize(pieces, shape, dim, heads, dtype, device, reader):
     if heads:
         # Hugging Face permutes the q/k rows of each head for its rotate-half rotary: [evens..., odds...];
         # Meta's (and ours) are the interleaved pairs [e0, o0, e1, o1, ...]
-        out_dim, in_dim = shape
+        out_dim, in_dim = (*shape, 1)[:2]  # a bias (Qwen2's q, k) is one column
         half = out_dim // heads // 2
-        tensor.view(heads, half, 2, in_dim).transpose(1, 2).copy_(reader.read(first).reshape(heads, 2, half, in_dim))
+        tensor.view(heads, half, 2, in_dim).transpose(1, 2).copy_(
+            reader.read(first).reshape(heads, 2, half, in_dim))  # (heads, 2, half, in) <- rotate-half
     elif dim is None:  # one piece, or the same in every shard
         tensor.copy_(reader.read(first))
     else:
@@ -570,9 +662,13 @@ def _assemble(config, tensors, device, dtype, quantize, where):
         prefix = key.removesuffix("weight")
         state.update({prefix + buffer: t for buffer, t in quantizer(weight).items()})
         del weight
+    if config.tie_embeddings and "tok_embeddings.weight" in state:
+        state.setdefault("output.weight", state["tok_embeddings.weight"])
     missing = [k for k in model.state_dict() if k not in state]
     if missing:
         raise CheckpointError(f"{where}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[0]}: "
                               "is a weights file missing?")
     model.load_state_dict(state, strict=True, assign=True)
+    if config.tie_embeddings:  # assign replaced both parameters: share one again
+        model.output.weight = model.tok_embeddings.weight
     return model.eval()

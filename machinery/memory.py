@@ -84,10 +84,14 @@ def weight_bytes(config, dtype, quantize=None):
     linears = sum(linear_bytes(i, o, dtype, quantize) for i, o in _block_linears(config))
     # LLaMA: two RMSNorm weights; GPT-J: one LayerNorm (weight, bias) and the MLP's two biases
     small = (2 * config.dim + config.ffn_dim + config.dim if gptj else 2 * config.dim) * size
+    if config.qkv_bias:  # Qwen2's q, k and v biases
+        small += (config.n_head + 2 * config.n_kv_heads) * config.head_dim * size
+    # a tied output layer is the embedding matrix: no bytes of its own
+    output = 0 if config.tie_embeddings else config.vocab_size * config.dim
     return {"embedding": config.vocab_size * config.dim * size,
             "blocks": config.n_layer * (linears + small),
             "final norm": (2 if gptj else 1) * config.dim * size,
-            "output": (config.vocab_size * config.dim + (config.vocab_size if gptj else 0)) * size}
+            "output": (output + (config.vocab_size if gptj else 0)) * size}
 
 
 def memory_needed(config, dtype, quantize=None, training=False, batch_size=1, seq_len=256, trainable_params=0,

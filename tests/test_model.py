@@ -687,7 +687,7 @@ def edited_config(source, folder, **fields):
     ("llama", "mlp_bias", True),
     ("llama", "head_dim", 32),
     ("llama", "hidden_act", "gelu"),
-    ("llama", "model_type", "mistral"),
+    ("llama", "model_type", "mixtral"),  # mistral and qwen2 load: tests/test_families.py
     ("llama", "quantization_config", {"quant_method": "gptq", "bits": 4}),
     ("gptj", "tie_word_embeddings", True),
     ("gptj", "activation_function", "relu"),
@@ -701,7 +701,7 @@ def test_configs_that_cannot_run_exactly_are_refused(saved, tmp_path, kind, fiel
     assert field in message and json.dumps(value) in message and "\n" not in message, message
 
 
-@pytest.mark.parametrize("field, value", [("use_scaled_rope", True), ("moe_experts", 8)])
+@pytest.mark.parametrize("field, value", [("use_scaled_rope", "yes"), ("moe_experts", 8)])
 def test_params_json_that_cannot_run_exactly_is_refused(tmp_path, field, value):
     params = {"dim": 64, "multiple_of": 32, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-5, "vocab_size": 300,
               field: value}
