@@ -26,6 +26,7 @@ import os
 os.environ.setdefault("MKL_CBWR", "AUTO")
 
 import contextlib  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -178,7 +179,43 @@ def folder_state(out):
     return "new"
 
 
-def check_rerun(s, state, announce):
+def tokenizer_fingerprint(tokenizer):
+    """A sha256 of what decides a tokenizer's ids: its vocabulary, merges and special ids."""
+    if hasattr(tokenizer, "processor"):  # sentencepiece: the model file's contents, as loaded
+        vocabulary = tokenizer.processor.serialized_model_proto().hex()
+    elif hasattr(tokenizer, "token_to_id"):  # byte-level BPE
+        vocabulary = [sorted(tokenizer.token_to_id.items()), sorted(tokenizer.merge_rank.items()),
+                      sorted(tokenizer.id_to_added.items())]
+    else:  # the byte tokenizer: no files, its ids are the bytes
+        vocabulary = type(tokenizer).__name__
+    special = [tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.add_bos]
+    return hashlib.sha256(json.dumps([vocabulary, special]).encode()).hexdigest()
+
+
+def data_record(tokenizer, examples):
+    """What decides the run besides its settings: the tokenizer and the training items as the model
+    sees them (token ids and loss labels after the cutoff). --data_dir may move, not change."""
+    tokens = hashlib.sha256(json.dumps(examples).encode()).hexdigest()
+    return {"items": len(examples), "tokens_sha256": tokens, "tokenizer_sha256": tokenizer_fingerprint(tokenizer)}
+
+
+def check_same_data(saved, record, path):
+    """Refuse to continue a run on other training data or with another tokenizer, naming which."""
+    if not isinstance(saved, dict):  # written before runs recorded their data: nothing to compare
+        print(f"{path} records no training data (an older version wrote it): it cannot be checked")
+        return
+    if saved.get("tokenizer_sha256") != record["tokenizer_sha256"]:
+        raise RunError(f"{path} was written with another tokenizer (sha256 {str(saved.get('tokenizer_sha256'))[:12]}"
+                       f"..., this one's is {record['tokenizer_sha256'][:12]}...): resume with the model and "
+                       "tokenizer the run started with, or choose another --out_dir")
+    if saved.get("items") != record["items"] or saved.get("tokens_sha256") != record["tokens_sha256"]:
+        raise RunError(f"{path} was written for other training data: {saved.get('items')} items (tokens sha256 "
+                       f"{str(saved.get('tokens_sha256'))[:12]}...), --data_dir now gives {record['items']} "
+                       f"(sha256 {record['tokens_sha256'][:12]}...): resume with the data the run started with "
+                       "(--data_dir may move, not change), or choose another --out_dir")
+
+
+def check_rerun(s, state, announce, record):
     """Refuse what a rerun must not do to the folder; True when there is nothing left to do."""
     out = s.out_dir
     if state == "new" and s.resume:
@@ -191,8 +228,13 @@ def check_rerun(s, state, announce):
     if state == "finished":
         saved = runs.read_json(os.path.join(out, "settings.json"), "delete it, or choose another --out_dir")
         check_same_settings(saved["settings"], s, os.path.join(out, "settings.json"))
+        check_same_data(saved.get("data"), record, os.path.join(out, "settings.json"))
         print(f"nothing to do: {out}/adapter.pt is the finished run ({saved['total_steps']} steps)")
         return True
+    if state == "unfinished" and os.path.exists(os.path.join(out, "settings.json")):
+        # refused in seconds, before the weights load; resume() checks the checkpoint's own record
+        saved = runs.read_json(os.path.join(out, "settings.json"), "delete it, or choose another --out_dir")
+        check_same_data(saved.get("data"), record, os.path.join(out, "settings.json"))
     if state == "started" and announce:
         print(f"{out}: the run there stopped before its first save; starting it over")
     return False
@@ -225,12 +267,13 @@ def train(s):
     tokenizer = tokenizer_for(folder)
     examples = [tokenize_item(tokenizer, item, s.cutoff_len, train_on_inputs=not s.mask_prompt) for item in task.train]
     runs.check_output_dir(s.out_dir)
-    if check_rerun(s, folder_state(s.out_dir), announce=False):
+    record = data_record(tokenizer, examples)
+    if check_rerun(s, folder_state(s.out_dir), announce=False, record=record):
         return
 
     group = distributed.start(s.device)  # None for a single process
     try:
-        train_on(s, group, cfg, tokenizer, examples)
+        train_on(s, group, cfg, tokenizer, examples, record)
     finally:
         distributed.finish(group)
 
@@ -263,7 +306,7 @@ def saved_settings(out_dir):
     return runs.read_json(path, "delete it, or choose another --out_dir").get("settings", {})
 
 
-def train_on(s, group, cfg, tokenizer, examples):
+def train_on(s, group, cfg, tokenizer, examples, record):
     """Load the base, add the adapters and train them: alone, or as one of group.world_size processes."""
     device = group.device if group else s.device
     main_process = group is None or group.main
@@ -289,11 +332,11 @@ def train_on(s, group, cfg, tokenizer, examples):
         state = folder_state(s.out_dir)
         if group:
             state = distributed.gather(state, group)[0]  # rank 0 looked under its lock: its word holds
-        if check_rerun(s, state, announce=True):  # again, now under the lock: another run may have come and gone
+        if check_rerun(s, state, announce=True, record=record):  # again, now under the lock: another run may have come and gone
             return
         step = 0
         if state == "unfinished":
-            step = resume(os.path.join(s.out_dir, "checkpoint.pt"), model, optimizer, s, group)
+            step = resume(os.path.join(s.out_dir, "checkpoint.pt"), model, optimizer, s, group, record)
             print(f"resumed from {os.path.join(s.out_dir, 'checkpoint.pt')} at step {step} of {total_steps}")
         log = runs.JsonLines(os.path.join(s.out_dir, "log.jsonl")) if main_process else None
         if main_process:
@@ -302,9 +345,10 @@ def train_on(s, group, cfg, tokenizer, examples):
             log.rewrite([r for r in records if r["step"] <= step])
             runs.write_json(out / "settings.json", {"settings": asdict(s), "adapter": adapters.describe(cfg),
                                                     "trainable_parameters": n_trainable, "total_steps": total_steps,
-                                                    "world_size": group.world_size if group else 1})
+                                                    "world_size": group.world_size if group else 1,
+                                                    "data": record})
         try:
-            step = train_loop(s, group, model, optimizer, examples, tokenizer.pad_id, log, step)
+            step = train_loop(s, group, model, optimizer, examples, tokenizer.pad_id, log, step, record)
         finally:
             if log:
                 log.close()
@@ -323,7 +367,7 @@ def train_on(s, group, cfg, tokenizer, examples):
     print(f"wrote {adapter}: evaluate with python eval.py --adapter {adapter}")
 
 
-def train_loop(s, group, model, optimizer, examples, pad_id, log, step):
+def train_loop(s, group, model, optimizer, examples, pad_id, log, step, data):
     """Optimizer steps from `step` to the end; checkpoint.pt every save_every steps and at the end."""
     steps_per_epoch, total_steps = schedule(s, len(examples))
     params = optimizer.param_groups[0]["params"]
@@ -385,7 +429,7 @@ def train_loop(s, group, model, optimizer, examples, pad_id, log, step):
             bar.update()
             if step % s.save_every == 0 or step == total_steps:
                 if main_process:
-                    save_checkpoint(checkpoint_path, step, model, optimizer, s, group)
+                    save_checkpoint(checkpoint_path, step, model, optimizer, s, group, data)
                 saved = step
     except KeyboardInterrupt as e:
         why = f"{e}; " if str(e) else ""  # torchrun's stop says why; Ctrl-C says nothing
@@ -403,16 +447,18 @@ def last_save(path, saved):
     return f"the last good save is step {saved} ({path}): continue with --resume"
 
 
-def save_checkpoint(path, step, model, optimizer, settings, group):
+def save_checkpoint(path, step, model, optimizer, settings, group, data):
     # no RNG state: data order and dropout are seeded per epoch and per micro-batch
     state = {"step": step, "settings": asdict(settings), "world_size": group.world_size if group else 1,
+             "data": data,
              "adapter": adapters.adapter_state_dict(model), "optimizer": optimizer.state_dict()}
     runs.save_torch(path, state)  # atomic: a crash or a full disk leaves the previous checkpoint intact
 
 
-def resume(path, model, optimizer, s, group):
+def resume(path, model, optimizer, s, group, record):
     state = runs.load_torch(path, "delete it to start the run over, or choose another --out_dir")
     check_same_settings(state["settings"], s, path)
+    check_same_data(state.get("data"), record, path)
     world_size = group.world_size if group else 1
     if state["world_size"] != world_size:
         raise RunError(f"{path} was written by a run of {state['world_size']} process(es), this one has {world_size}: "

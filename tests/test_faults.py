@@ -211,6 +211,55 @@ def test_a_started_run_is_started_over_when_run_again(data_dir, tmp_path, monkey
     assert [r["step"] for r in read_jsonl(out / "log.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_resume_on_other_training_data_is_refused_and_a_moved_data_dir_is_not(data_dir, tmp_path, monkeypatch,
+                                                                                capsys):
+    out = tmp_path / "run"
+    args = [*SHORT, "--out_dir", out]
+    with monkeypatch.context() as patch:
+        interrupt_at_step(patch, 4)  # the checkpoint of step 2 stays
+        stopped(train_script.main, [*args, "--data_dir", data_dir], capsys, code=130)
+    log = (out / "log.jsonl").read_text()
+
+    def changed(name, edit):
+        other = tmp_path / name
+        shutil.copytree(data_dir, other)
+        path = other / "ft-training_set" / "math_data.json"
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+        return other
+    one_more = changed("one-more", lambda items: items + [dict(items[0], output="The answer is 1.")])
+    one_other = changed("one-other", lambda items: [dict(items[0], output="The answer is 9.")] + items[1:])
+    for other, found in ((one_more, "--data_dir now gives 9"), (one_other, "--data_dir now gives 8")):
+        message = stopped(train_script.main, [*args, "--data_dir", other, "--resume"], capsys)
+        assert "settings.json was written for other training data: 8 items" in message and found in message
+        assert checkpoint_step(out) == 2 and (out / "log.jsonl").read_text() == log  # nothing trained
+    # the checkpoint's own record is checked too, should settings.json have been replaced
+    (out / "settings.json").unlink()
+    message = stopped(train_script.main, [*args, "--data_dir", one_other, "--resume"], capsys)
+    assert "checkpoint.pt was written for other training data" in message and checkpoint_step(out) == 2
+
+    moved = tmp_path / "moved"
+    shutil.copytree(data_dir, moved)
+    shutil.rmtree(data_dir)
+    train_script.main([str(a) for a in [*args, "--data_dir", moved, "--resume"]])
+    assert "resumed from" in capsys.readouterr().out and (out / "adapter.pt").exists()
+    message = stopped(train_script.main, [*args, "--data_dir", one_more, "--resume"], capsys)  # finished too
+    assert "settings.json was written for other training data" in message
+
+
+def test_the_data_record_tells_tokenizers_and_cutoffs_apart():
+    from data import ByteTokenizer, SentencePieceTokenizer, tokenize_item
+    items = [{"instruction": "Add 2 and 3.", "input": "", "output": "5"}]
+    spm = SentencePieceTokenizer(shared_path("spm-tokenizer", "tokenizer.model"))
+    records = [train_script.data_record(tokenizer, [tokenize_item(tokenizer, item, cutoff) for item in items])
+               for tokenizer, cutoff in ((ByteTokenizer(), 256), (spm, 256), (ByteTokenizer(), 100))]
+    assert len({r["tokenizer_sha256"] for r in records}) == 2 and len({r["tokens_sha256"] for r in records}) == 3
+    with pytest.raises(train_script.RunError, match="written with another tokenizer"):
+        train_script.check_same_data(records[0], records[1], "checkpoint.pt")
+    with pytest.raises(train_script.RunError, match="written for other training data: 1 items"):
+        train_script.check_same_data(records[0], records[2], "checkpoint.pt")
+    train_script.check_same_data(records[1], dict(records[1]), "checkpoint.pt")  # the same: no complaint
+
+
 @pytest.mark.parametrize("damage", ["truncated", "random-bytes"])
 def test_a_damaged_checkpoint_is_one_clear_line(data_dir, tmp_path, monkeypatch, capsys, damage):
     out = tmp_path / "run"
