@@ -188,7 +188,8 @@ def tokenizer_fingerprint(tokenizer):
                       sorted(tokenizer.id_to_added.items())]
     else:  # the byte tokenizer: no files, its ids are the bytes
         vocabulary = type(tokenizer).__name__
-    special = [tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.add_bos]
+    special = [tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
+               tokenizer.add_bos]
     return hashlib.sha256(json.dumps([vocabulary, special]).encode()).hexdigest()
 
 
@@ -196,7 +197,8 @@ def data_record(tokenizer, examples):
     """What decides the run besides its settings: the tokenizer and the training items as the model
     sees them (token ids and loss labels after the cutoff). --data_dir may move, not change."""
     tokens = hashlib.sha256(json.dumps(examples).encode()).hexdigest()
-    return {"items": len(examples), "tokens_sha256": tokens, "tokenizer_sha256": tokenizer_fingerprint(tokenizer)}
+    return {"items": len(examples), "tokens_sha256": tokens,
+            "tokenizer_sha256": tokenizer_fingerprint(tokenizer)}
 
 
 def check_same_data(saved, record, path):
@@ -204,15 +206,19 @@ def check_same_data(saved, record, path):
     if not isinstance(saved, dict):  # written before runs recorded their data: nothing to compare
         print(f"{path} records no training data (an older version wrote it): it cannot be checked")
         return
+    def short(key):
+        return f"sha256 {str(saved.get(key))[:12]}..."
     if saved.get("tokenizer_sha256") != record["tokenizer_sha256"]:
-        raise RunError(f"{path} was written with another tokenizer (sha256 {str(saved.get('tokenizer_sha256'))[:12]}"
-                       f"..., this one's is {record['tokenizer_sha256'][:12]}...): resume with the model and "
-                       "tokenizer the run started with, or choose another --out_dir")
-    if saved.get("items") != record["items"] or saved.get("tokens_sha256") != record["tokens_sha256"]:
-        raise RunError(f"{path} was written for other training data: {saved.get('items')} items (tokens sha256 "
-                       f"{str(saved.get('tokens_sha256'))[:12]}...), --data_dir now gives {record['items']} "
-                       f"(sha256 {record['tokens_sha256'][:12]}...): resume with the data the run started with "
-                       "(--data_dir may move, not change), or choose another --out_dir")
+        raise RunError(f"{path} was written with another tokenizer ({short('tokenizer_sha256')}, "
+                       f"this one's is {record['tokenizer_sha256'][:12]}...): resume with the "
+                       "model and tokenizer the run started with, or choose another --out_dir")
+    found = (record["items"], record["tokens_sha256"])
+    if (saved.get("items"), saved.get("tokens_sha256")) != found:
+        raise RunError(f"{path} was written for other training data: {saved.get('items')} items "
+                       f"(tokens {short('tokens_sha256')}), --data_dir now gives {record['items']} "
+                       f"(sha256 {record['tokens_sha256'][:12]}...): resume with the data the run "
+                       "started with (--data_dir may move, not change), or choose another "
+                       "--out_dir")
 
 
 def check_rerun(s, state, announce, record):
@@ -226,14 +232,14 @@ def check_rerun(s, state, announce, record):
     if state == "finished" and not s.resume:
         raise RunError(f"{out} holds a finished run (adapter.pt): choose another --out_dir")
     if state == "finished":
-        saved = runs.read_json(os.path.join(out, "settings.json"), "delete it, or choose another --out_dir")
+        saved = read_settings_json(os.path.join(out, "settings.json"))
         check_same_settings(saved["settings"], s, os.path.join(out, "settings.json"))
         check_same_data(saved.get("data"), record, os.path.join(out, "settings.json"))
         print(f"nothing to do: {out}/adapter.pt is the finished run ({saved['total_steps']} steps)")
         return True
     if state == "unfinished" and os.path.exists(os.path.join(out, "settings.json")):
         # refused in seconds, before the weights load; resume() checks the checkpoint's own record
-        saved = runs.read_json(os.path.join(out, "settings.json"), "delete it, or choose another --out_dir")
+        saved = read_settings_json(os.path.join(out, "settings.json"))
         check_same_data(saved.get("data"), record, os.path.join(out, "settings.json"))
     if state == "started" and announce:
         print(f"{out}: the run there stopped before its first save; starting it over")
@@ -303,7 +309,18 @@ def saved_settings(out_dir):
     path = os.path.join(out_dir, "settings.json")
     if not os.path.exists(path):
         return {}
-    return runs.read_json(path, "delete it, or choose another --out_dir").get("settings", {})
+    return read_settings_json(path)["settings"]
+
+
+def read_settings_json(path):
+    """settings.json as train.py writes it; edited or cut, it is one line saying what to do."""
+    saved = runs.read_json(path, "delete it, or choose another --out_dir")
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict) \
+            or not is_whole(saved.get("total_steps")):
+        raise RunError(f"{path} is not the settings.json train.py writes (expected an object "
+                       "with the 'settings' object and a whole number 'total_steps'): delete it, "
+                       "or choose another --out_dir")
+    return saved
 
 
 def train_on(s, group, cfg, tokenizer, examples, record):
@@ -332,11 +349,13 @@ def train_on(s, group, cfg, tokenizer, examples, record):
         state = folder_state(s.out_dir)
         if group:
             state = distributed.gather(state, group)[0]  # rank 0 looked under its lock: its word holds
-        if check_rerun(s, state, announce=True, record=record):  # again, now under the lock: another run may have come and gone
+        # again, now under the lock: another run may have come and gone
+        if check_rerun(s, state, announce=True, record=record):
             return
         step = 0
         if state == "unfinished":
-            step = resume(os.path.join(s.out_dir, "checkpoint.pt"), model, optimizer, s, group, record)
+            path = os.path.join(s.out_dir, "checkpoint.pt")
+            step = resume(path, model, optimizer, s, group, record, total_steps)
             print(f"resumed from {os.path.join(s.out_dir, 'checkpoint.pt')} at step {step} of {total_steps}")
         log = runs.JsonLines(os.path.join(s.out_dir, "log.jsonl")) if main_process else None
         if main_process:
@@ -348,7 +367,8 @@ def train_on(s, group, cfg, tokenizer, examples, record):
                                                     "world_size": group.world_size if group else 1,
                                                     "data": record})
         try:
-            step = train_loop(s, group, model, optimizer, examples, tokenizer.pad_id, log, step, record)
+            step = train_loop(s, group, model, optimizer, examples, tokenizer.pad_id, log, step,
+                              record)
         finally:
             if log:
                 log.close()
@@ -455,10 +475,11 @@ def save_checkpoint(path, step, model, optimizer, settings, group, data):
     runs.save_torch(path, state)  # atomic: a crash or a full disk leaves the previous checkpoint intact
 
 
-def resume(path, model, optimizer, s, group, record):
+def resume(path, model, optimizer, s, group, record, total_steps):
     state = runs.load_torch(path, "delete it to start the run over, or choose another --out_dir")
-    check_same_settings(state["settings"], s, path)
-    check_same_data(state.get("data"), record, path)
+    params = [p for name, p in model.named_parameters() if adapters.is_adapter_parameter(name)]
+    tensors = adapters.adapter_state_dict(model)
+    check_checkpoint(path, state, s, record, tensors, params, total_steps)
     world_size = group.world_size if group else 1
     if state["world_size"] != world_size:
         raise RunError(f"{path} was written by a run of {state['world_size']} process(es), this one has {world_size}: "
@@ -470,6 +491,66 @@ def resume(path, model, optimizer, s, group, record):
             params[name].copy_(tensor)
     optimizer.load_state_dict(state["optimizer"])
     return state["step"]
+
+
+def is_whole(value):
+    return type(value) is int  # not a bool, not a float such as 2.0
+
+
+def check_checkpoint(path, state, s, record, tensors, params, total_steps):
+    """Refuse a checkpoint.pt that is not one this run could have written, naming what is wrong,
+    before any of it is used: its settings and data, its step, the adapter's tensors and AdamW's
+    state."""
+    def refuse(found):
+        raise RunError(f"{path} does not hold a checkpoint of this run: {found}; delete it to "
+                       "start the run over, or choose another --out_dir")
+    if not isinstance(state, dict):
+        refuse(f"it holds a {type(state).__name__}, not a dict")
+    missing = sorted({"step", "settings", "world_size", "adapter", "optimizer"} - state.keys())
+    if missing:
+        refuse(f"it lacks {', '.join(missing)}")
+    world_size = state["world_size"]
+    if not isinstance(state["settings"], dict) or not is_whole(world_size) or world_size < 1:
+        refuse("its settings are no dict or its world_size no whole number above 0")
+    # settings before the step: another --max_steps is named as such
+    check_same_settings(state["settings"], s, path)
+    check_same_data(state.get("data"), record, path)
+    step = state["step"]
+    if not is_whole(step) or not 1 <= step <= total_steps:
+        refuse(f"its step is {step!r}, expected a whole number from 1 to the run's "
+               f"{total_steps} steps")
+    saved = state["adapter"]
+    if not isinstance(saved, dict):
+        refuse(f"its adapter is a {type(saved).__name__}, not a dict of tensors")
+    if saved.keys() != tensors.keys():
+        name = sorted(saved.keys() ^ tensors.keys(), key=str)[0]
+        where = "model" if name in tensors else "checkpoint"
+        refuse(f"the adapter tensor {name} is in the {where} only")
+    for name, tensor in saved.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != tensors[name].dtype \
+                or tensor.shape != tensors[name].shape:
+            found = (f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor)
+                     else type(tensor).__name__)
+            refuse(f"the adapter tensor {name} is {found}, the model's is {tensors[name].dtype} "
+                   f"{tuple(tensors[name].shape)}")
+    optimizer = state["optimizer"]
+    groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
+    moments = optimizer.get("state") if isinstance(optimizer, dict) else None
+    indices = list(range(len(params)))  # AdamW numbers its tensors in the order it was given them
+    if not isinstance(groups, list) or len(groups) != 1 or not isinstance(moments, dict) \
+            or not isinstance(groups[0], dict) or groups[0].get("params") != indices:
+        refuse(f"its optimizer state is not AdamW's for the {len(params)} adapter tensors")
+    for index, moment in moments.items():
+        shape = params[index].shape if is_whole(index) and 0 <= index < len(params) else None
+        if shape is None or not isinstance(moment, dict) or not all(
+                isinstance(moment.get(key), torch.Tensor) and moment[key].shape == shape
+                for key in ("exp_avg", "exp_avg_sq")):
+            refuse(f"its optimizer state of tensor {index!r} does not fit the adapter tensor it "
+                   "belongs to")
+        taken = moment.get("step")
+        if not isinstance(taken, torch.Tensor) or taken.numel() != 1 or float(taken) != step:
+            taken = float(taken) if isinstance(taken, torch.Tensor) else taken
+            refuse(f"its optimizer has taken {taken} steps, its step says {step}")
 
 
 def main(argv=None):
