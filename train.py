@@ -26,6 +26,7 @@ import os
 os.environ.setdefault("MKL_CBWR", "AUTO")
 
 import contextlib  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import time  # noqa: E402
@@ -178,7 +179,49 @@ def folder_state(out):
     return "new"
 
 
-def check_rerun(s, state, announce):
+def tokenizer_fingerprint(tokenizer):
+    """A sha256 of what decides a tokenizer's ids: its vocabulary, merges and special ids."""
+    if hasattr(tokenizer, "processor"):  # sentencepiece: the model file's contents, as loaded
+        vocabulary = tokenizer.processor.serialized_model_proto().hex()
+    elif hasattr(tokenizer, "token_to_id"):  # byte-level BPE
+        vocabulary = [sorted(tokenizer.token_to_id.items()), sorted(tokenizer.merge_rank.items()),
+                      sorted(tokenizer.id_to_added.items())]
+    else:  # the byte tokenizer: no files, its ids are the bytes
+        vocabulary = type(tokenizer).__name__
+    special = [tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
+               tokenizer.add_bos]
+    return hashlib.sha256(json.dumps([vocabulary, special]).encode()).hexdigest()
+
+
+def data_record(tokenizer, examples):
+    """What decides the run besides its settings: the tokenizer and the training items as the model
+    sees them (token ids and loss labels after the cutoff). --data_dir may move, not change."""
+    tokens = hashlib.sha256(json.dumps(examples).encode()).hexdigest()
+    return {"items": len(examples), "tokens_sha256": tokens,
+            "tokenizer_sha256": tokenizer_fingerprint(tokenizer)}
+
+
+def check_same_data(saved, record, path):
+    """Refuse to continue a run on other training data or with another tokenizer, naming which."""
+    if not isinstance(saved, dict):  # written before runs recorded their data: nothing to compare
+        print(f"{path} records no training data (an older version wrote it): it cannot be checked")
+        return
+    def short(key):
+        return f"sha256 {str(saved.get(key))[:12]}..."
+    if saved.get("tokenizer_sha256") != record["tokenizer_sha256"]:
+        raise RunError(f"{path} was written with another tokenizer ({short('tokenizer_sha256')}, "
+                       f"this one's is {record['tokenizer_sha256'][:12]}...): resume with the "
+                       "model and tokenizer the run started with, or choose another --out_dir")
+    found = (record["items"], record["tokens_sha256"])
+    if (saved.get("items"), saved.get("tokens_sha256")) != found:
+        raise RunError(f"{path} was written for other training data: {saved.get('items')} items "
+                       f"(tokens {short('tokens_sha256')}), --data_dir now gives {record['items']} "
+                       f"(sha256 {record['tokens_sha256'][:12]}...): resume with the data the run "
+                       "started with (--data_dir may move, not change), or choose another "
+                       "--out_dir")
+
+
+def check_rerun(s, state, announce, record):
     """Refuse what a rerun must not do to the folder; True when there is nothing left to do."""
     out = s.out_dir
     if state == "new" and s.resume:
@@ -189,10 +232,15 @@ def check_rerun(s, state, announce):
     if state == "finished" and not s.resume:
         raise RunError(f"{out} holds a finished run (adapter.pt): choose another --out_dir")
     if state == "finished":
-        saved = runs.read_json(os.path.join(out, "settings.json"), "delete it, or choose another --out_dir")
+        saved = read_settings_json(os.path.join(out, "settings.json"))
         check_same_settings(saved["settings"], s, os.path.join(out, "settings.json"))
+        check_same_data(saved.get("data"), record, os.path.join(out, "settings.json"))
         print(f"nothing to do: {out}/adapter.pt is the finished run ({saved['total_steps']} steps)")
         return True
+    if state == "unfinished" and os.path.exists(os.path.join(out, "settings.json")):
+        # refused in seconds, before the weights load; resume() checks the checkpoint's own record
+        saved = read_settings_json(os.path.join(out, "settings.json"))
+        check_same_data(saved.get("data"), record, os.path.join(out, "settings.json"))
     if state == "started" and announce:
         print(f"{out}: the run there stopped before its first save; starting it over")
     return False
@@ -226,12 +274,13 @@ def train(s):
     tokenizer = tokenizer_for(folder)
     examples = [tokenize_item(tokenizer, item, s.cutoff_len, train_on_inputs=not s.mask_prompt) for item in task.train]
     runs.check_output_dir(s.out_dir)
-    if check_rerun(s, folder_state(s.out_dir), announce=False):
+    record = data_record(tokenizer, examples)
+    if check_rerun(s, folder_state(s.out_dir), announce=False, record=record):
         return
 
     group = distributed.start(s.device)  # None for a single process
     try:
-        train_on(s, group, cfg, tokenizer, examples)
+        train_on(s, group, cfg, tokenizer, examples, record)
     finally:
         distributed.finish(group)
 
@@ -261,10 +310,21 @@ def saved_settings(out_dir):
     path = os.path.join(out_dir, "settings.json")
     if not os.path.exists(path):
         return {}
-    return runs.read_json(path, "delete it, or choose another --out_dir").get("settings", {})
+    return read_settings_json(path)["settings"]
 
 
-def train_on(s, group, cfg, tokenizer, examples):
+def read_settings_json(path):
+    """settings.json as train.py writes it; edited or cut, it is one line saying what to do."""
+    saved = runs.read_json(path, "delete it, or choose another --out_dir")
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict) \
+            or not is_whole(saved.get("total_steps")):
+        raise RunError(f"{path} is not the settings.json train.py writes (expected an object "
+                       "with the 'settings' object and a whole number 'total_steps'): delete it, "
+                       "or choose another --out_dir")
+    return saved
+
+
+def train_on(s, group, cfg, tokenizer, examples, record):
     """Load the base, add the adapters and train them: alone, or as one of group.world_size processes."""
     device = group.device if group else s.device
     main_process = group is None or group.main
@@ -290,11 +350,13 @@ def train_on(s, group, cfg, tokenizer, examples):
         state = folder_state(s.out_dir)
         if group:
             state = distributed.gather(state, group)[0]  # rank 0 looked under its lock: its word holds
-        if check_rerun(s, state, announce=True):  # again, now under the lock: another run may have come and gone
+        # again, now under the lock: another run may have come and gone
+        if check_rerun(s, state, announce=True, record=record):
             return
         step = 0
         if state == "unfinished":
-            step = resume(os.path.join(s.out_dir, "checkpoint.pt"), model, optimizer, s, group)
+            path = os.path.join(s.out_dir, "checkpoint.pt")
+            step = resume(path, model, optimizer, s, group, record, total_steps)
             print(f"resumed from {os.path.join(s.out_dir, 'checkpoint.pt')} at step {step} of {total_steps}")
         log = runs.JsonLines(os.path.join(s.out_dir, "log.jsonl")) if main_process else None
         if main_process:
@@ -303,9 +365,11 @@ def train_on(s, group, cfg, tokenizer, examples):
             log.rewrite([r for r in records if r["step"] <= step])
             runs.write_json(out / "settings.json", {"settings": asdict(s), "adapter": adapters.describe(cfg),
                                                     "trainable_parameters": n_trainable, "total_steps": total_steps,
-                                                    "world_size": group.world_size if group else 1})
+                                                    "world_size": group.world_size if group else 1,
+                                                    "data": record})
         try:
-            step = train_loop(s, group, model, optimizer, examples, tokenizer.pad_id, log, step)
+            step = train_loop(s, group, model, optimizer, examples, tokenizer.pad_id, log, step,
+                              record)
         finally:
             if log:
                 log.close()
@@ -324,7 +388,7 @@ def train_on(s, group, cfg, tokenizer, examples):
     print(f"wrote {adapter}: evaluate with python eval.py --adapter {adapter}")
 
 
-def train_loop(s, group, model, optimizer, examples, pad_id, log, step):
+def train_loop(s, group, model, optimizer, examples, pad_id, log, step, data):
     """Optimizer steps from `step` to the end; checkpoint.pt every save_every steps and at the end."""
     steps_per_epoch, total_steps = schedule(s, len(examples))
     params = optimizer.param_groups[0]["params"]
@@ -392,7 +456,7 @@ def train_loop(s, group, model, optimizer, examples, pad_id, log, step):
                     raise RunError(f"not saving step {step}: {problem} (the run diverged): "
                                    f"{advice}")
                 if main_process:
-                    save_checkpoint(checkpoint_path, step, model, optimizer, s, group)
+                    save_checkpoint(checkpoint_path, step, model, optimizer, s, group, data)
                 saved = step
     except KeyboardInterrupt as e:
         why = f"{e}; " if str(e) else ""  # torchrun's stop says why; Ctrl-C says nothing
@@ -416,16 +480,19 @@ def checkpoint_problem(model, optimizer):
             or runs.bad_numbers(optimizer.state_dict()["state"]))
 
 
-def save_checkpoint(path, step, model, optimizer, settings, group):
+def save_checkpoint(path, step, model, optimizer, settings, group, data):
     # no RNG state: data order and dropout are seeded per epoch and per micro-batch
     state = {"step": step, "settings": asdict(settings), "world_size": group.world_size if group else 1,
+             "data": data,
              "adapter": adapters.adapter_state_dict(model), "optimizer": optimizer.state_dict()}
     runs.save_torch(path, state)  # atomic: a crash or a full disk leaves the previous checkpoint intact
 
 
-def resume(path, model, optimizer, s, group):
+def resume(path, model, optimizer, s, group, record, total_steps):
     state = runs.load_torch(path, "delete it to start the run over, or choose another --out_dir")
-    check_same_settings(state["settings"], s, path)
+    params = [p for name, p in model.named_parameters() if adapters.is_adapter_parameter(name)]
+    tensors = adapters.adapter_state_dict(model)
+    check_checkpoint(path, state, s, record, tensors, params, total_steps)
     world_size = group.world_size if group else 1
     if state["world_size"] != world_size:
         raise RunError(f"{path} was written by a run of {state['world_size']} process(es), this one has {world_size}: "
@@ -439,6 +506,66 @@ def resume(path, model, optimizer, s, group):
     if problem := checkpoint_problem(model, optimizer):  # written by hand, or by an older version
         raise RunError(f"{path}: {problem}: it cannot be resumed; delete it to start the run over")
     return state["step"]
+
+
+def is_whole(value):
+    return type(value) is int  # not a bool, not a float such as 2.0
+
+
+def check_checkpoint(path, state, s, record, tensors, params, total_steps):
+    """Refuse a checkpoint.pt that is not one this run could have written, naming what is wrong,
+    before any of it is used: its settings and data, its step, the adapter's tensors and AdamW's
+    state."""
+    def refuse(found):
+        raise RunError(f"{path} does not hold a checkpoint of this run: {found}; delete it to "
+                       "start the run over, or choose another --out_dir")
+    if not isinstance(state, dict):
+        refuse(f"it holds a {type(state).__name__}, not a dict")
+    missing = sorted({"step", "settings", "world_size", "adapter", "optimizer"} - state.keys())
+    if missing:
+        refuse(f"it lacks {', '.join(missing)}")
+    world_size = state["world_size"]
+    if not isinstance(state["settings"], dict) or not is_whole(world_size) or world_size < 1:
+        refuse("its settings are no dict or its world_size no whole number above 0")
+    # settings before the step: another --max_steps is named as such
+    check_same_settings(state["settings"], s, path)
+    check_same_data(state.get("data"), record, path)
+    step = state["step"]
+    if not is_whole(step) or not 1 <= step <= total_steps:
+        refuse(f"its step is {step!r}, expected a whole number from 1 to the run's "
+               f"{total_steps} steps")
+    saved = state["adapter"]
+    if not isinstance(saved, dict):
+        refuse(f"its adapter is a {type(saved).__name__}, not a dict of tensors")
+    if saved.keys() != tensors.keys():
+        name = sorted(saved.keys() ^ tensors.keys(), key=str)[0]
+        where = "model" if name in tensors else "checkpoint"
+        refuse(f"the adapter tensor {name} is in the {where} only")
+    for name, tensor in saved.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype != tensors[name].dtype \
+                or tensor.shape != tensors[name].shape:
+            found = (f"{tensor.dtype} {tuple(tensor.shape)}" if isinstance(tensor, torch.Tensor)
+                     else type(tensor).__name__)
+            refuse(f"the adapter tensor {name} is {found}, the model's is {tensors[name].dtype} "
+                   f"{tuple(tensors[name].shape)}")
+    optimizer = state["optimizer"]
+    groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
+    moments = optimizer.get("state") if isinstance(optimizer, dict) else None
+    indices = list(range(len(params)))  # AdamW numbers its tensors in the order it was given them
+    if not isinstance(groups, list) or len(groups) != 1 or not isinstance(moments, dict) \
+            or not isinstance(groups[0], dict) or groups[0].get("params") != indices:
+        refuse(f"its optimizer state is not AdamW's for the {len(params)} adapter tensors")
+    for index, moment in moments.items():
+        shape = params[index].shape if is_whole(index) and 0 <= index < len(params) else None
+        if shape is None or not isinstance(moment, dict) or not all(
+                isinstance(moment.get(key), torch.Tensor) and moment[key].shape == shape
+                for key in ("exp_avg", "exp_avg_sq")):
+            refuse(f"its optimizer state of tensor {index!r} does not fit the adapter tensor it "
+                   "belongs to")
+        taken = moment.get("step")
+        if not isinstance(taken, torch.Tensor) or taken.numel() != 1 or float(taken) != step:
+            taken = float(taken) if isinstance(taken, torch.Tensor) else taken
+            refuse(f"its optimizer has taken {taken} steps, its step says {step}")
 
 
 def main(argv=None):

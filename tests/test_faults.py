@@ -16,7 +16,7 @@ import eval as evaluate_script
 import interlora
 from machinery import adapters, runs
 import train as train_script
-from conftest import ROOT, read_jsonl, run, shared_path
+from conftest import ROOT, read_jsonl, run, shared_path, write_tiny_task
 
 # six optimizer steps of two micro-batches of two, a checkpoint every two steps: seconds on the CPU
 SHORT = ["--model", "tiny", "--task", "math", "--micro_batch_size", "2", "--grad_accum", "2", "--lr", "1e-3",
@@ -210,6 +210,155 @@ def test_a_started_run_is_started_over_when_run_again(data_dir, tmp_path, monkey
     train_script.main([str(a) for a in args])
     assert "the run there stopped before its first save; starting it over" in capsys.readouterr().out
     assert [r["step"] for r in read_jsonl(out / "log.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_resume_on_other_training_data_is_refused_and_a_moved_data_dir_is_not(
+        data_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = [*SHORT, "--out_dir", out]
+    with monkeypatch.context() as patch:
+        interrupt_at_step(patch, 4)  # the checkpoint of step 2 stays
+        stopped(train_script.main, [*args, "--data_dir", data_dir], capsys, code=130)
+    log = (out / "log.jsonl").read_text()
+
+    def changed(name, edit):
+        other = tmp_path / name
+        shutil.copytree(data_dir, other)
+        path = other / "ft-training_set" / "math_data.json"
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+        return other
+    one_more = changed("one-more", lambda items: items + [dict(items[0], output="It is 1.")])
+    one_other = changed("one-other", lambda items: [dict(items[0], output="It is 9.")] + items[1:])
+    for other, found in ((one_more, "now gives 9"), (one_other, "now gives 8")):
+        message = stopped(train_script.main, [*args, "--data_dir", other, "--resume"], capsys)
+        assert "settings.json was written for other training data: 8 items" in message
+        assert found in message
+        # nothing trained
+        assert checkpoint_step(out) == 2 and (out / "log.jsonl").read_text() == log
+    # the checkpoint's own record is checked too, should settings.json have been replaced
+    (out / "settings.json").unlink()
+    message = stopped(train_script.main, [*args, "--data_dir", one_other, "--resume"], capsys)
+    assert "checkpoint.pt was written for other training data" in message
+    assert checkpoint_step(out) == 2
+
+    moved = tmp_path / "moved"
+    shutil.copytree(data_dir, moved)
+    shutil.rmtree(data_dir)
+    train_script.main([str(a) for a in [*args, "--data_dir", moved, "--resume"]])
+    assert "resumed from" in capsys.readouterr().out and (out / "adapter.pt").exists()
+    # a finished run too
+    message = stopped(train_script.main, [*args, "--data_dir", one_more, "--resume"], capsys)
+    assert "settings.json was written for other training data" in message
+
+
+def test_the_data_record_tells_tokenizers_and_cutoffs_apart():
+    from data import ByteTokenizer, SentencePieceTokenizer, tokenize_item
+    items = [{"instruction": "Add 2 and 3.", "input": "", "output": "5"}]
+    spm = SentencePieceTokenizer(shared_path("spm-tokenizer", "tokenizer.model"))
+    records = [train_script.data_record(tokenizer, [tokenize_item(tokenizer, items[0], cutoff)])
+               for tokenizer, cutoff in ((ByteTokenizer(), 256), (spm, 256),
+                                         (ByteTokenizer(), 100))]
+    assert len({r["tokenizer_sha256"] for r in records}) == 2
+    assert len({r["tokens_sha256"] for r in records}) == 3
+    with pytest.raises(train_script.RunError, match="written with another tokenizer"):
+        train_script.check_same_data(records[0], records[1], "checkpoint.pt")
+    with pytest.raises(train_script.RunError, match="written for other training data: 1 items"):
+        train_script.check_same_data(records[0], records[2], "checkpoint.pt")
+    train_script.check_same_data(records[1], dict(records[1]), "checkpoint.pt")  # the same: passes
+
+
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory):
+    """A tiny run stopped during step 4, its checkpoint at step 2 (made once; tests copy it)."""
+    folder = tmp_path_factory.mktemp("interrupted")
+    data, out = write_tiny_task(folder / "data"), folder / "run"
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit):
+        interrupt_at_step(patch, 4)
+        train_script.main([str(a) for a in [*SHORT, "--data_dir", data, "--out_dir", out]])
+    return data, out
+
+
+def edit_checkpoint(edit):
+    def apply(folder):
+        state = torch.load(folder / "checkpoint.pt", weights_only=True)
+        edit(state)
+        torch.save(state, folder / "checkpoint.pt")
+    return apply
+
+
+def edit_settings(edit):
+    def apply(folder):
+        path = folder / "settings.json"
+        path.write_text(edit(path.read_text()))
+    return apply
+
+
+def first_adapter_tensor(state):
+    return next(iter(state["adapter"]))
+
+
+def set_first_tensor(make):
+    """An edit that replaces the first adapter tensor by make(tensor)."""
+    def edit(state):
+        name = first_adapter_tensor(state)
+        state["adapter"][name] = make(state["adapter"][name])
+    return edit
+
+
+def settings_with(**fields):
+    return edit_settings(lambda text: json.dumps(dict(json.loads(text), **fields)))
+
+
+BAD_RUN_FILES = {  # how checkpoint.pt or settings.json is edited -> a piece of the one error line
+    "a tensor missing": (edit_checkpoint(lambda s: s["adapter"].pop(first_adapter_tensor(s))),
+                         "in the model only"),
+    "an extra tensor": (edit_checkpoint(lambda s: s["adapter"].update(extra=torch.zeros(2))),
+                        "tensor extra is in the checkpoint only"),
+    "a misshapen tensor": (edit_checkpoint(set_first_tensor(lambda t: torch.zeros(3, 5))),
+                           "is torch.float32 (3, 5), the model's is torch.float32"),
+    "an int64 tensor": (edit_checkpoint(set_first_tensor(lambda t: t.long())), "is torch.int64"),
+    "step 1000": (edit_checkpoint(lambda s: s.update(step=1000)),
+                  "its step is 1000, expected a whole number from 1 to the run's 6 steps"),
+    "a negative step": (edit_checkpoint(lambda s: s.update(step=-2)), "its step is -2"),
+    "a float step": (edit_checkpoint(lambda s: s.update(step=2.0)), "its step is 2.0"),
+    "a step the optimizer did not take": (edit_checkpoint(lambda s: s.update(step=3)),
+                                          "its optimizer has taken 2.0 steps, its step says 3"),
+    "optimizer moments misshapen": (edit_checkpoint(lambda s: s["optimizer"]["state"][0].update(
+        exp_avg=torch.zeros(7))), "optimizer state of tensor 0 does not fit"),
+    "optimizer of fewer tensors": (edit_checkpoint(
+        lambda s: s["optimizer"]["param_groups"][0]["params"].pop()), "not AdamW's for the"),
+    "no optimizer": (edit_checkpoint(lambda s: s.pop("optimizer")), "it lacks optimizer"),
+    "a list": (lambda f: torch.save([1, 2], f / "checkpoint.pt"), "it holds a list, not a dict"),
+    "settings.json a list": (edit_settings(lambda text: "[]"), "is not the settings.json"),
+    "settings.json settings a list": (settings_with(settings=[]), "is not the settings.json"),
+    "settings.json a float total_steps": (settings_with(total_steps=6.0), "number 'total_steps'"),
+    "settings.json cut": (edit_settings(lambda text: text[: len(text) // 2]), "json is corrupt"),
+}
+
+
+@pytest.mark.parametrize("damage", list(BAD_RUN_FILES))
+def test_an_edited_checkpoint_or_settings_file_is_one_line_and_trains_nothing(
+        interrupted_run, tmp_path, capsys, damage):
+    data, original = interrupted_run
+    out = tmp_path / "run"
+    shutil.copytree(original, out)
+    edit, fragment = BAD_RUN_FILES[damage]
+    edit(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    args = [*SHORT, "--data_dir", data, "--out_dir", out, "--resume"]
+    message = stopped(train_script.main, args, capsys)
+    assert fragment in message and "delete it" in message, message
+    # nothing trained, nothing rewritten
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_the_untouched_copy_of_the_interrupted_run_resumes(interrupted_run, tmp_path, capsys):
+    # the edits above are refused for what they change, not because any copy would be
+    data, original = interrupted_run
+    out = tmp_path / "run"
+    shutil.copytree(original, out)
+    train_script.main([str(a) for a in [*SHORT, "--data_dir", data, "--out_dir", out, "--resume"]])
+    assert "resumed from" in capsys.readouterr().out and (out / "adapter.pt").exists()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "random-bytes"])
