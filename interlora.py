@@ -61,14 +61,16 @@ class InterLoRAConfig:
         self.attention_targets = tuple(self.attention_targets)
         self.attention_gate = paper if self.attention_gate is None else self.attention_gate
         self.ffn_gate = self.ffn_gate or ("relu" if paper else "none")
-        if self.ffn_gate not in ("relu", "sigmoid", "none") or self.gate_pool not in ("mean",
-                                                                                      "causal"):
-            raise AdapterError(f"ffn_gate {self.ffn_gate!r}, gate_pool {self.gate_pool!r}: "
-                               "expected relu/sigmoid/none and mean/causal")
+        for name, choices in ("ffn_gate", ("relu", "sigmoid", "none")), ("gate_pool", ("mean",
+                                                                                 "causal")):
+            if getattr(self, name) not in choices:
+                raise AdapterError(f"{name} {getattr(self, name)!r} is not one of "
+                                   f"{', '.join(choices)}")
         roles = self.attention_targets + self.ffn_targets
         if not set(self.attention_targets) <= {"q", "k", "v"} or not set(self.ffn_targets) <= {
                 "gate", "up", "down"}:
-            raise AdapterError(f"targets {roles}: expected q, k, v (attention), gate, up, down (FFN)")
+            raise AdapterError(f"targets {roles}: expected q, k, v (attention) and gate, up, "
+                               "down (FFN)")
 
 
 # The paper's variants by name (Tables 1-5, Fig. 2-3): InterLoRAConfig fields

@@ -19,6 +19,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 import interlora
+from machinery import fused
 from interlora import InterLoRAConfig
 from model import PRESETS, ModelConfig, Transformer
 
@@ -38,7 +39,7 @@ def small_model(cfg, seed=0, name="tiny"):
     code path exercised."""
     torch.manual_seed(seed)
     model = Transformer(ModelConfig(**{**PRESETS[name], "dim": 64, "n_layer": 2, "ffn_dim": 160}))
-    interlora.add_interlora(model, cfg)
+    interlora.add_interlora(model, cfg, layer=fused.FusedInterLoRALinear)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -72,7 +73,7 @@ def test_right_padded_training_needs_no_attention_mask(name):
     """Causal attention without a mask is exact for real tokens followed by padding: same outputs, same gradients."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name(name))
-    interlora.add_interlora(model, InterLoRAConfig(dropout=0.0))
+    interlora.add_interlora(model, InterLoRAConfig(dropout=0.0), layer=fused.FusedInterLoRALinear)
     with torch.no_grad():
         for param_name, param in model.named_parameters():
             if "lora_B" in param_name:

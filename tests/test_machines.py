@@ -13,7 +13,7 @@ import eval as evaluate_script
 from machinery import memory
 import train as train_script
 from conftest import read_jsonl, shared_path
-from interlora import read_adapter
+from machinery.adapters import read_adapter
 from machinery.checkpoints import load_model
 
 SHORT = ["--model", "tiny", "--task", "math", "--micro_batch_size", "2", "--grad_accum", "2", "--lr", "1e-2",

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import interlora
+from machinery import fused
 from machinery.memory import (ACTIVATION_BYTES, DTYPES, NotEnoughMemory, check_memory, default_dtype, memory_available,
                     memory_needed, weight_bytes)
 from conftest import ROOT
@@ -59,7 +60,7 @@ def test_kv_cache_is_what_setup_cache_allocates():
 
 def test_adapter_bytes_are_adamw_after_a_step():
     model = load_model("tiny")
-    interlora.add_interlora(model, interlora.InterLoRAConfig())
+    interlora.add_interlora(model, interlora.InterLoRAConfig(), layer=fused.FusedInterLoRALinear)
     params = [p for n, p in model.named_parameters() if interlora.is_adapter_parameter(n)]
     optimizer = torch.optim.AdamW(params)
     model(torch.randint(0, 259, (1, 8))).float().square().mean().backward()
@@ -73,7 +74,7 @@ def test_adapter_bytes_are_adamw_after_a_step():
 def saved_activation_bytes(name, dtype, autocast, batch_size, seq_len, grad_checkpointing=False):
     """Bytes of the tensors autograd keeps for backward in one training forward of InterLoRA on `name`."""
     model = load_model(name, dtype=dtype)
-    interlora.add_interlora(model, interlora.InterLoRAConfig())
+    interlora.add_interlora(model, interlora.InterLoRAConfig(), layer=fused.FusedInterLoRALinear)
     model.train()
     model.grad_checkpointing = grad_checkpointing
     own = {t.untyped_storage().data_ptr() for t in model.parameters()}
