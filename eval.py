@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from machinery import adapters  # noqa: E402
+from machinery import decode  # noqa: E402
 from machinery import distributed  # noqa: E402
 from machinery import memory  # noqa: E402
 from machinery import runs  # noqa: E402
@@ -268,11 +269,12 @@ def generate_predictions(model, tokenizer, s, e, group, todo, done):
     path = os.path.join(e.out_dir, "predictions.jsonl")
     sink = runs.JsonLines(path) if main_process else None
     rank, world_size = (group.rank, group.world_size) if group else (0, 1)
+    decode_step = decode.compiled_decode_step(model) if s.compile else None  # None: eager
     try:
         with tqdm(total=len(todo), desc="eval", dynamic_ncols=True, disable=not main_process) as bar, autocast:
             for positions, outputs in model.generate_batches(encoded, s.batch_size, e.max_new_tokens, rank, world_size,
                                                              eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
-                                                             compile=s.compile):
+                                                             decode_step=decode_step):
                 records = []
                 for position, new_tokens in zip(positions, outputs):
                     name, index = key = todo[position]

@@ -65,7 +65,8 @@ class ModelConfig:
 
     def __post_init__(self):
         if self.family not in ("llama", "gptj"):
-            raise CheckpointError(f"model family {self.family!r} is not supported: expected llama or gptj")
+            raise CheckpointError(f"model family {self.family!r} is not supported: "
+                                  "expected llama or gptj")
         self.n_kv_heads = self.n_kv_heads or self.n_head
         self.eos_ids = tuple(self.eos_ids) or (self.eos_id,)
         self.rotary_dim = self.rotary_dim or self.head_dim
@@ -100,7 +101,8 @@ PRESETS = {
 }
 RANDOM_PRESETS = ("tiny", "tiny-gptj")  # random weights, no checkpoint
 # The fields that fix the shapes of the weights: a checkpoint must agree on these with a preset.
-SHAPE_FIELDS = ("family", "vocab_size", "dim", "n_layer", "n_head", "n_kv_heads", "ffn_dim", "rotary_dim")
+SHAPE_FIELDS = ("family", "vocab_size", "dim", "n_layer", "n_head", "n_kv_heads", "ffn_dim",
+                "rotary_dim")
 
 
 # ----------------------------------------------------------------------------- layers
@@ -146,7 +148,7 @@ def rotary_cos_sin(positions, inv_freq):
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate the pairs (x[2i], x[2i+1]) of the first rotary dims of each head: x is (B, T, H, D)."""
+    """Rotate the pairs (x[2i], x[2i+1]) of the first rotary dims of each head: x (B, T, H, D)."""
     rotary_dim = 2 * cos.shape[-1]
     x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
     even, odd = x_rot.float().unflatten(-1, (-1, 2)).unbind(-1)  # each (B, T, H, rotary_dim // 2)
@@ -164,7 +166,7 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, positions, k, v):
-        """Store k, v (B, n_kv, T, hd) at the cache positions (T,) in place; return the whole cache."""
+        """Store k, v (B, n_kv, T, hd) at the cache positions (T,) in place; return the cache."""
         self.k.index_copy_(2, positions, k)
         self.v.index_copy_(2, positions, v)
         return self.k, self.v
@@ -173,7 +175,8 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.n_head, self.n_kv_heads, self.head_dim = config.n_head, config.n_kv_heads, config.head_dim
+        self.n_head, self.n_kv_heads = config.n_head, config.n_kv_heads
+        self.head_dim = config.head_dim
         bias = config.qkv_bias
         self.wq = nn.Linear(config.dim, config.n_head * self.head_dim, bias=bias)
         self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=bias)
@@ -191,15 +194,18 @@ class Attention(nn.Module):
         P = 0 if past is None else past[0].shape[2]
         if self.cache is not None:
             k, v = self.cache.update(cache_positions, k, v)  # (B, nkv, max_len, hd)
-            keys = T if mask is None else mask.shape[-1] - P  # the mask says how many cached keys count
+            keys = T if mask is None else mask.shape[-1] - P  # the mask: how many cached keys count
             k, v = k[:, :, :keys], v[:, :, :keys]
         if P:  # keys and values of P earlier positions, as stored: (B or 1, nkv, P, hd) each
             past_k, past_v = (t.to(k.dtype).expand(B, -1, -1, -1) for t in past)
-            k, v = torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2)  # (B, nkv, P + keys, hd)
-        # mask None means plain causal attention (training, prefill without padding): the fastest kernels.
-        # Grouped-query attention (n_kv_heads < n_head) is SDPA's own (enable_gqa): no copies of k and v.
+            k = torch.cat((past_k, k), dim=2)  # (B, nkv, P + keys, hd)
+            v = torch.cat((past_v, v), dim=2)
+        # mask None means plain causal attention (training, prefill without padding): the fastest
+        # kernels. Grouped-query attention (n_kv_heads < n_head) is SDPA's own (enable_gqa): no
+        # copies of k and v.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_head)  # (B, nh, T, hd)
+                                           enable_gqa=self.n_kv_heads != self.n_head)
+        # y: (B, nh, T, hd)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -237,12 +243,19 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, cache_positions, past=None):
         if self.parallel:
             h = self.attention_norm(x)
-            return x + self.attention(h, cos, sin, mask, cache_positions, past) + self.feed_forward(h)
+            attended = self.attention(h, cos, sin, mask, cache_positions, past)
+            return x + attended + self.feed_forward(h)
         x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache_positions, past)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
 # ----------------------------------------------------------------------------- model
+
+def next_token_loss(x, output, targets):
+    """Mean cross-entropy of output(x) (B, T, vocab) against targets (B, T); -100: not scored."""
+    logits = output(x).flatten(0, 1).float()  # (B * T, vocab)
+    return F.cross_entropy(logits, targets.flatten(), ignore_index=-100)
+
 
 class Transformer(nn.Module):
     def __init__(self, config):
@@ -258,6 +271,7 @@ class Transformer(nn.Module):
         if config.tie_embeddings:  # one shared matrix: a parameter of the embedding, counted once
             self.output.weight = self.tok_embeddings.weight
         self.grad_checkpointing = False  # recompute each block in backward to save memory
+        self.loss_function = next_token_loss  # train.py's: fused.chunked_loss, the same numbers
         self.apply(self._init_weights)   # free on the meta device; real checkpoints overwrite it
 
     @staticmethod
@@ -272,9 +286,9 @@ class Transformer(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=1.0)
 
-    def forward(self, idx, attention_mask=None, start_pos=0, labels=None, right_padded=False, last_only=False,
-                past_key_values=None):
-        """Logits (B, T, vocab) for tokens idx (B, T); given labels, the mean next-token loss instead.
+    def forward(self, idx, attention_mask=None, start_pos=0, labels=None, right_padded=False,
+                last_only=False, past_key_values=None):
+        """Logits (B, T, vocab) for tokens idx (B, T); given labels, the mean next-token loss.
 
         attention_mask (B, S), 1 for real tokens and 0 for padding, covers every token so far (the
         cached ones too), as in Hugging Face: S = start_pos + T, or the whole KV cache (generate's
@@ -290,8 +304,9 @@ class Transformer(nn.Module):
         adapters' gates, which read it through their hook.
 
         labels (B, T): position t is scored on labels[:, t + 1] (-100: not scored, as padding),
-        as a mean over the scored positions, without ever holding all B x T x vocab logits.
-        last_only=True: the logits of the last position only (B, 1, vocab), all that generation reads.
+        as a mean over the scored positions, by self.loss_function (train.py sets the chunked
+        loss of machinery/fused.py, which never holds all B x T x vocab logits).
+        last_only=True: the logits of the last position only (B, 1, vocab), what generation reads.
 
         past_key_values: for each layer (keys, values), each (B or 1, n_kv_heads, P, head_dim), of P
         positions before every row's tokens (the same P for all layers), as a KV cache holds them:
@@ -301,32 +316,38 @@ class Transformer(nn.Module):
         """
         B, T = idx.shape
         decoding = torch.is_tensor(start_pos)
-        if attention_mask is not None and not decoding and attention_mask.shape != (B, start_pos + T):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, start_pos + T)}")
+        expected = (B, start_pos + T)
+        if attention_mask is not None and not decoding and attention_mask.shape != expected:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, "
+                             f"expected {expected}")
         if (decoding or start_pos) and self.layers[0].attention.cache is None:
             raise ValueError("start_pos > 0 needs a KV cache: call setup_cache first")
         if decoding and attention_mask is None:
             raise ValueError("a tensor start_pos needs the attention_mask of the whole KV cache")
         past = past_key_values
         if past is not None and len(past) != len(self.layers):
-            raise ValueError(f"past_key_values has {len(past)} layers, the model {len(self.layers)}")
+            raise ValueError(f"past_key_values has {len(past)} layers, "
+                             f"the model {len(self.layers)}")
         P = 0 if past is None else past[0][0].shape[2]  # positions before the tokens
-        cache_positions = start_pos + torch.arange(T, device=idx.device)  # (T,) where the new tokens go
+        # (T,) where the new tokens go in the KV cache
+        cache_positions = start_pos + torch.arange(T, device=idx.device)
 
         mask = None  # plain causal attention: training, and prompts without padding
         if attention_mask is None or right_padded:
             positions = cache_positions[None]  # (1, T)
         else:
-            positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, cache_positions]  # (B, T)
+            real_so_far = attention_mask.long().cumsum(1) - 1  # (B, S): a row's real tokens before
+            positions = real_so_far.clamp(min=0)[:, cache_positions]  # (B, T)
         if (attention_mask is not None and not right_padded) or decoding or start_pos > 0 or P:
             keys = attention_mask.shape[1] if attention_mask is not None else start_pos + T
             key_pos = torch.arange(keys, device=idx.device)[None, :]  # (1, S)
             mask = key_pos <= cache_positions[:, None]                 # (T, S) causal
             if attention_mask is not None:
                 # padding is never attended to; a pad query attends to itself so no row is empty
-                mask = mask & attention_mask.bool()[:, None, :] | (key_pos == cache_positions[:, None])  # (B, T, S)
+                itself = key_pos == cache_positions[:, None]  # (T, S)
+                mask = mask & attention_mask.bool()[:, None, :] | itself  # (B, T, S)
             mask = mask[:, None] if mask.dim() == 3 else mask[None, None]  # (B|1, 1, T, S)
-            if P:  # the past comes first and is always attended: causal attention with an offset of P
+            if P:  # the past comes first and is always attended: causal with an offset of P
                 mask = F.pad(mask, (P, 0), value=True)  # (B|1, 1, T, P + S)
         if P:
             positions = positions + P
@@ -336,56 +357,48 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             layer_past = None if past is None else past[i]
             if self.grad_checkpointing and self.training:
-                x = checkpoint(layer, x, cos, sin, mask, cache_positions, layer_past, use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, cache_positions, layer_past,
+                               use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache_positions, layer_past)
         x = self.norm(x[:, -1:] if last_only else x)
         if labels is None:
             return self.output(x)
         targets = F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T): the token after each position
-        if self.output.weight.requires_grad:  # a trained output layer: the plain loss, with its gradient
-            return F.cross_entropy(self.output(x).flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return ChunkedCrossEntropy.apply(x.flatten(0, 1), self.output.weight, self.output.bias, targets.flatten())
+        return self.loss_function(x, self.output, targets)
 
     # --------------------------------------------------------------------- generation
 
     def setup_cache(self, batch_size, max_len):
         param = self.tok_embeddings.weight
         for layer in self.layers:
-            layer.attention.cache = KVCache(batch_size, max_len, self.config.n_kv_heads, self.config.head_dim,
-                                            param.dtype, param.device)
+            layer.attention.cache = KVCache(batch_size, max_len, self.config.n_kv_heads,
+                                            self.config.head_dim, param.dtype, param.device)
 
     def clear_cache(self):
         for layer in self.layers:
             layer.attention.cache = None
 
     def decode_step(self, token, cache_mask, position):
-        """Logits (B, vocab) of the token after `token` (B, 1), which goes to cache `position` (0-dim tensor).
+        """Logits (B, vocab) of the token after `token` (B, 1), which goes to cache `position`
+        (a 0-dim tensor).
 
         Every shape is fixed for a whole generation (cache_mask (B, max_len) covers the whole
         cache), so torch.compile makes one graph of it and CUDA graphs can replay it.
         """
         return self(token, attention_mask=cache_mask, start_pos=position, last_only=True)[:, -1]
 
-    def compiled_decode_step(self):
-        """decode_step under torch.compile, made once per model. CUDA: mode reduce-overhead (CUDA graphs replay
-        the step). CPU: inductor with matrix-vector products of its own for one or two rows (decode_backend)."""
-        if getattr(self, "_compiled_decode_step", None) is None:
-            if self.tok_embeddings.weight.is_cuda:
-                self._compiled_decode_step = torch.compile(self.decode_step, fullgraph=True, mode="reduce-overhead")
-            else:
-                self._compiled_decode_step = torch.compile(self.decode_step, fullgraph=True, backend=decode_backend)
-        return self._compiled_decode_step
-
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, eos_id=None, pad_id=0, temperature=0.0, top_k=None,
-                 generator=None, compile=False):
+                 generator=None, decode_step=None):
         """New tokens for each prompt (a list of token-id lists of any lengths).
 
         The prompts are left-padded into one batch, run once (prefill), then decoded one token
         per step with the KV cache. A row stops at eos_id, an id or a list of them (a
-        tokenizer's stop_ids), which it keeps, as transformers does; the loop ends when every row has stopped. temperature 0 is greedy decoding.
-        compile=True runs the decode steps through compiled_decode_step().
+        tokenizer's stop_ids), which it keeps, as transformers does; the loop ends when every row
+        has stopped. temperature 0 is greedy decoding.
+        decode_step: what runs each step (default self.decode_step; eval.py passes a compiled
+        one, machinery/decode.py).
         """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("generate needs a non-empty list of non-empty prompts")
@@ -402,22 +415,22 @@ class Transformer(nn.Module):
         for row, prompt in enumerate(prompts):
             idx[row, prompt_len - len(prompt):] = torch.tensor(prompt, device=device)
             mask[row, prompt_len - len(prompt):] = True
-        # the mask of the whole cache, made once: the prompt's padding is 0 and every new token is real
+        # the mask of the whole cache, made once: the prompt's padding is 0, every new token real
         # (the causal mask hides the positions not yet written), so each step has the same shapes
-        cache_mask = F.pad(mask, (0, max_new_tokens), value=True)  # (B, prompt_len + max_new_tokens)
-        decode_step = self.compiled_decode_step() if compile else self.decode_step
+        cache_mask = F.pad(mask, (0, max_new_tokens), value=True)  # (B, prompt + max_new_tokens)
+        decode_step = decode_step or self.decode_step
 
         self.setup_cache(B, prompt_len + max_new_tokens)
         try:
             logits = self(idx, attention_mask=mask, last_only=True)[:, -1]  # prefill: (B, vocab)
-            position = torch.tensor(prompt_len, device=device)  # where the next token goes in the cache
+            position = torch.tensor(prompt_len, device=device)  # where the next token goes
             new_tokens, done = [], torch.zeros(B, dtype=torch.bool, device=device)
             for step in range(max_new_tokens):
                 token = self._pick(logits, temperature, top_k, generator)  # (B,)
                 token = torch.where(done, pad_id, token)  # finished rows only carry padding
                 new_tokens.append(token)
                 done |= torch.isin(token, stop_ids)
-                # done.all() waits for the device: look only every 8 steps (extra tokens are cut below)
+                # done.all() waits for the device: look every 8 steps (extra tokens are cut below)
                 if step == max_new_tokens - 1 or (step % 8 == 7 and done.all()):
                     break
                 logits = decode_step(token[:, None], cache_mask, position)
@@ -445,7 +458,8 @@ class Transformer(nn.Module):
         for first in range(0, len(batches), world_size):
             this_round = batches[first:first + world_size]
             chosen = this_round[rank] if rank < len(this_round) else []
-            yield chosen, self.generate([prompts[i] for i in chosen], max_new_tokens, **kwargs) if chosen else []
+            batch = [prompts[i] for i in chosen]
+            yield chosen, self.generate(batch, max_new_tokens, **kwargs) if chosen else []
 
     @staticmethod
     def _pick(logits, temperature, top_k, generator):
@@ -456,81 +470,3 @@ class Transformer(nn.Module):
             kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
-
-
-# A decode step multiplies each weight W (out, in) by one row per sequence. MKL's kernel for a product of one or
-# two rows reads W slowly on a CPU, and at batch 1 those products are nearly the whole step. Written as a multiply
-# and a sum over `in`, W's contiguous dimension, the same product is one reduction that inductor vectorizes and
-# spreads over the cores. `python bench/speed.py --work profile` times both on the output layer at 1, 2 and 4 rows
-# (this project's 2-core CPU, 1 row: MKL 13 GB/s, the reduction 26, a plain sum 30); from 4 rows on MKL is faster.
-MATRIX_VECTOR_ROWS = 2
-
-
-def matrix_vector(rows, weight_t):
-    """rows (M, in) @ weight_t (in, out) as multiply-and-sum, accumulated in fp32: (M, out)."""
-    return (rows.float()[:, None, :] * weight_t.t().float()[None]).sum(-1).to(rows.dtype)
-
-
-def _few_rows(rows):
-    return rows.device.type == "cpu" and rows.is_floating_point() and rows.shape[0] <= MATRIX_VECTOR_ROWS
-
-
-def decode_backend(graph, example_inputs):
-    """torch.compile's inductor, except that a CPU matmul of one or two rows (aten.mm, aten.addmm: every
-    nn.Linear of a decode step at batch 1 or 2) becomes the reduction above; other matmuls are inductor's."""
-    from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.decomposition import select_decomp_table
-    aten, table = torch.ops.aten, dict(select_decomp_table())
-    mm, addmm = table.get(aten.mm.default), table.get(aten.addmm.default)
-
-    def decomposed_mm(rows, weight_t, **kwargs):
-        if _few_rows(rows) and not kwargs:
-            return matrix_vector(rows, weight_t)
-        return mm(rows, weight_t, **kwargs) if mm else NotImplemented
-
-    def decomposed_addmm(bias, rows, weight_t, beta=1, alpha=1, **kwargs):
-        if _few_rows(rows) and not kwargs:
-            return beta * bias + alpha * matrix_vector(rows, weight_t)
-        return addmm(bias, rows, weight_t, beta=beta, alpha=alpha, **kwargs) if addmm else NotImplemented
-
-    table.update({aten.mm.default: decomposed_mm, aten.addmm.default: decomposed_addmm})
-    # the compilers' caches do not key on decompositions: a graph cached by a plain torch.compile would be reused
-    with torch._functorch.config.patch(enable_autograd_cache=False):
-        return compile_fx(graph, example_inputs, decompositions=table, config_patches={"fx_graph_cache": False})
-
-
-class ChunkedCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of the logits x W^T + b (N, vocab) against targets (N,), -100 = not scored.
-
-    The logits are made a chunk of rows at a time and turned at once into the gradient of x:
-    d loss / d x = (softmax - onehot(target)) W = softmax W - W[target], so no more than one
-    chunk of logits ever exists (not N x vocab of them, nor their fp32 copy, nor their gradient)
-    and backward only scales that gradient. The output layer is frozen base weight here: it gets
-    no gradient (Transformer.forward takes the plain loss when it is trained). A fixed number of
-    chunks, not a fixed size, so that a compiled graph serves every N.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, targets, chunks=8):
-        N, dim = x.shape
-        rows = -(-N // chunks)  # per chunk: the last rows are padding, not scored
-        x = F.pad(x, (0, 0, 0, rows * chunks - N)).view(chunks, rows, dim)
-        targets = F.pad(targets, (0, rows * chunks - N), value=-100).view(chunks, rows)
-        total, grads = torch.zeros((), dtype=torch.float32, device=x.device), []
-        for chunk, chunk_targets in zip(x, targets):
-            scored = chunk_targets != -100
-            chunk_targets = chunk_targets.clamp(min=0)
-            log_probs = F.linear(chunk, weight, bias).float().log_softmax(-1)  # (rows, vocab): one chunk of logits
-            total -= (log_probs.gather(1, chunk_targets[:, None])[:, 0] * scored).sum()
-            if ctx.needs_input_grad[0]:
-                probs = log_probs.exp_()  # the softmax, in place
-                grad = probs.to(x.dtype) @ weight - weight[chunk_targets]  # (rows, dim)
-                grads.append(grad * scored[:, None])
-        count = (targets != -100).sum()
-        ctx.save_for_backward(torch.cat(grads)[:N] if grads else None, count)
-        return total / count
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_x, count = ctx.saved_tensors
-        return grad_x * (grad_loss / count).to(grad_x.dtype), None, None, None, None

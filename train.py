@@ -38,6 +38,7 @@ from tqdm import tqdm  # noqa: E402
 
 from machinery import adapters  # noqa: E402
 from machinery import distributed  # noqa: E402
+from machinery import fused  # noqa: E402
 from machinery import gates  # noqa: E402
 from machinery import memory  # noqa: E402
 from machinery import runs  # noqa: E402
@@ -334,6 +335,7 @@ def train_on(s, group, cfg, tokenizer, examples, record):
     model = load_model(s.model, s.checkpoint_dir or None, device="cpu" if s.shard_base else device,
                        dtype=memory.DTYPES[s.dtype], quantize=s.quantize or None)
     adapters.add_adapters(model, cfg)
+    model.loss_function = fused.chunked_loss  # no (B, T, vocab) logits in memory at once
     model.grad_checkpointing = s.grad_checkpointing
     params = [p for name, p in model.named_parameters() if adapters.is_adapter_parameter(name)]
     n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())

@@ -21,7 +21,7 @@ builds its own copy; no checkpoint is needed. Rows:
               (every nn.Linear of the base on a (batch, width) input, one after another, no model
               around them) with torch's matmul (MKL on a CPU): what a stack that multiplies with that
               kernel cannot go below. Ours compiled goes below it at batch 1 and 2 on a CPU, where the
-              decode step computes each product as a reduction of its own (model.decode_backend).
+              decode step computes each product as a reduction of its own (machinery/decode.py).
 
 for ours eager, ours compiled (train: torch.compile of the model; generate: the compiled decode
 step) and hf+peft (transformers' LlamaForCausalLM, sdpa attention; eager for GPT-J, which has
@@ -60,10 +60,11 @@ os.environ.setdefault("MKL_CBWR", "AUTO")  # as train.py and eval.py, before tor
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as python bench/speed.py
+from machinery.adapters import default_targets
 import interlora  # noqa: E402
 from machinery import fused  # noqa: E402
 from data import ByteTokenizer, generate_prompt, load_task, load_tokenizer  # noqa: E402
-import model as model_module  # noqa: E402
+from machinery import decode  # noqa: E402
 from model import PRESETS, ModelConfig, Transformer  # noqa: E402
 from machinery.runs import RunError, choose_device, settings_from_command_line  # noqa: E402
 
@@ -104,7 +105,7 @@ class Settings:
 
 # Our adapters and PEFT's LoRA on the same modules: (our config, PEFT rank, PEFT's module names)
 METHODS = {"interlora": (interlora.InterLoRAConfig(), 4, ["q_proj", "v_proj", "down_proj"]),
-           "lora": (interlora.InterLoRAConfig(method="lora"), 10, ["q_proj", "v_proj"])}
+           "lora": (interlora.InterLoRAConfig(**interlora.VARIANTS["lora"]), 10, ["q_proj", "v_proj"])}
 
 
 def model_config(s):
@@ -122,7 +123,8 @@ def build_ours(config, method, device, dtype, trained_like=False, reference_laye
     torch.manual_seed(0)
     with torch.device(device):
         model = Transformer(config).to(dtype)
-    interlora.add_interlora(model, METHODS[method][0], layer=LAYER[reference_layer])
+    interlora.add_interlora(model, METHODS[method][0], default_targets(model), layer=LAYER[reference_layer])
+    model.loss_function = fused.chunked_loss  # train.py's loss
     if trained_like:  # B = 0 would make every update a no-op
         with torch.no_grad():
             for name, param in model.named_parameters():
@@ -298,7 +300,8 @@ def generate_rows(s, config, dtype, batch):
     def ours_run(compile):
         def generate(n):
             with autocast:
-                out = models["ours"].generate(prompts, n, eos_id=None, compile=compile)
+                step = decode.compiled_decode_step(models["ours"]) if compile else None
+                out = models["ours"].generate(prompts, n, eos_id=None, decode_step=step)
             assert all(len(row) == n for row in out)
         return generate
 
@@ -377,7 +380,8 @@ def eval_workload(s, config, dtype):
     prompts = [tokenizer.encode(generate_prompt(item["instruction"], item["input"])) for item in items]
     model = build_ours(config, "interlora", s.device, dtype, trained_like=True).eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if s.device.startswith("cuda") else contextlib.nullcontext()
-    options = dict(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, compile=not s.skip_compile)
+    step = None if s.skip_compile else decode.compiled_decode_step(model)
+    options = dict(eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, decode_step=step)
     outputs = []
 
     def run():
@@ -387,7 +391,7 @@ def eval_workload(s, config, dtype):
     wall = seconds(run, s.device)  # compilations included, as a user's evaluation pays them
     new_tokens = sum(map(len, outputs))
     return {"work": "eval", "prompts": len(prompts), "batch": s.eval_batch_size, "max_new_tokens": s.eval_new_tokens,
-            "mode": "compiled" if options["compile"] else "eager", "new_tokens": new_tokens, "wall_s": wall,
+            "mode": "eager" if s.skip_compile else "compiled", "new_tokens": new_tokens, "wall_s": wall,
             "tokens_per_s": new_tokens / wall, "stopped_at_eos": sum(1 for row in outputs if row[-1:] == [options["eos_id"]])}
 
 
@@ -406,15 +410,16 @@ def profile(s, config, dtype):
     prompt = idx[:1, :s.prompt_len].tolist()
     prompts = torch.randint(3, config.vocab_size, (32, s.prompt_len), generator=torch.Generator().manual_seed(2)).tolist()
     model.eval().generate(prompt, 4)
+    step = decode.compiled_decode_step(model)
     for batch in (prompt, prompts):  # compiles the decode step for batch 1, then for 32
-        model.eval().generate(batch, s.new_tokens, compile=True)
+        model.eval().generate(batch, s.new_tokens, decode_step=step)
     for name, work in [("training step (forward + backward)",
                         lambda: model.train()(idx, attention_mask=mask, labels=idx, right_padded=True).backward()),
                        (f"generation, batch 1, {s.new_tokens} new tokens", lambda: model.eval().generate(prompt, s.new_tokens)),
                        (f"generation, batch 1, {s.new_tokens} new tokens, compiled decode step",
-                        lambda: model.eval().generate(prompt, s.new_tokens, compile=True)),
+                        lambda: model.eval().generate(prompt, s.new_tokens, decode_step=step)),
                        (f"generation, batch 32, {s.new_tokens} new tokens, compiled decode step (and the prefill)",
-                        lambda: model.eval().generate(prompts, s.new_tokens, compile=True))]:
+                        lambda: model.eval().generate(prompts, s.new_tokens, decode_step=step))]:
         with profiler(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if s.device.startswith("cuda")
                                                           else [])) as prof:
             work()
@@ -422,8 +427,8 @@ def profile(s, config, dtype):
         lines.append(f"{name}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     weight = model.output.weight.detach()  # (vocab, dim), as nn.Linear stores it
     transposed, mb = weight.t().contiguous(), weight.numel() * weight.element_size() / 1e6
-    reduction = torch.compile(model_module.matrix_vector, dynamic=False)  # the compiled decode step's product
-    for rows in (1, 2, 4):  # model.MATRIX_VECTOR_ROWS: where the reduction stops being the faster
+    reduction = torch.compile(decode.matrix_vector, dynamic=False)  # the compiled decode step's product
+    for rows in (1, 2, 4):  # decode.MATRIX_VECTOR_ROWS: where the reduction stops being the faster
         x = torch.randn(rows, weight.shape[1], device=s.device, dtype=dtype)
         reduction(x, weight.T)
         times = {what: 1e3 * statistics.median(seconds(fn, s.device) for _ in range(20)) for what, fn in [

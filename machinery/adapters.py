@@ -12,10 +12,11 @@ is the same for all of them: a torch file of plain data, loaded with weights_onl
     {"format": "interlora-adapter", "version": 2, "method": "prefix", "config": {the method's config},
      "info": {model, task, steps, ...}, "base": {what the base must match}, "tensors": {name: tensor}}
 
-laid out by interlora.adapter_payload for interlora and lora (whose version-1 files, without
-"method", name theirs in the config) and here for the baselines, and written atomically here for
-all of them. The project's commands use the fused InterLoRA layer (machinery/fused.py). Loading rebuilds the method from the file and
-checks that the base model fits before any tensor is copied.
+laid out and written atomically here for every method (interlora.save_adapter writes the same
+layout without "base"; version-1 files, without "method", name theirs in the config). The project's
+commands use the fused InterLoRA layer (machinery/fused.py) and the targets of default_targets.
+Loading rebuilds the method from the file and checks that the base model fits before any tensor
+is copied.
 """
 import json
 from dataclasses import asdict
@@ -34,14 +35,37 @@ METHODS = list(interlora.VARIANTS) + list(BASELINES)
 ERRORS = (AdapterError, BaselineError)  # what building, saving and loading raise for bad input
 
 
-def make_config(method, **lora):
-    """The config of `method`: an InterLoRA variant with the LoRA settings in `lora` (r, alpha, dropout,
-    gate_pool), or a baseline with its paper defaults (it takes no LoRA settings)."""
+def make_config(method, r=0, alpha=0.0, **lora):
+    """The config of `method`: an InterLoRA variant with the LoRA settings in `lora` (dropout,
+    gate_pool) and r and alpha (0: the variant's rank, and alpha 2r, so lambda = 2 as in the
+    paper), or a baseline with its paper defaults (it takes no LoRA settings)."""
     if method in BASELINES:
         return BASELINES[method]()
     if method not in interlora.VARIANTS:
         raise AdapterError(f"method {method!r} is unknown: expected one of {', '.join(METHODS)}")
-    return InterLoRAConfig(**interlora.VARIANTS[method], **lora)
+    variant = {**interlora.VARIANTS[method], **lora}
+    variant["r"] = r or variant.get("r", InterLoRAConfig.r)
+    variant["alpha"] = alpha or 2 * variant["r"]
+    return InterLoRAConfig(**variant)
+
+
+def default_targets(model):
+    """{role: (module name suffix, heads)} for model.py's models and transformers' LLaMA kin."""
+    c = getattr(model, "config", None)
+    if getattr(c, "family", None) in ("llama", "gptj"):  # this project's model.py
+        heads = c.n_head, c.n_kv_heads
+        names = dict(q="attention.wq", k="attention.wk", v="attention.wv", down="feed_forward.w2")
+        names |= dict(gate="feed_forward.w1", up="feed_forward.w3") if c.family == "llama" \
+            else dict(up="feed_forward.w1")  # GPT-J's fc_in is the up projection
+    elif hasattr(c, "num_key_value_heads"):  # transformers' LLaMA, Mistral, Qwen2
+        heads = c.num_attention_heads, c.num_key_value_heads
+        names = {role: f"self_attn.{role}_proj" for role in "qkv"}
+        names |= {role: f"mlp.{role}_proj" for role in ("gate", "up", "down")}
+    else:
+        raise AdapterError(f"no default targets for {type(model).__name__}: pass "
+                           "targets={role: (module name suffix, heads)}")
+    return {role: (name, dict(q=heads[0], k=heads[1], v=heads[1]).get(role))
+            for role, name in names.items()}
 
 
 def describe(cfg):
@@ -55,7 +79,7 @@ def add_adapters(model, cfg):
         return baselines.add_adapter(model, cfg)
     if isinstance(cfg, PrefixConfig):
         return baselines.add_prefix(model, cfg)
-    return interlora.add_interlora(model, cfg, layer=fused.FusedInterLoRALinear)
+    return interlora.add_interlora(model, cfg, default_targets(model), fused.FusedInterLoRALinear)
 
 
 def remove_adapters(model):
@@ -103,15 +127,19 @@ def read_adapter(path):
 
 
 def _base_description(model, cfg):
-    """What a baseline's file must match: the model's class and family, and the shapes the tensors attach to."""
+    """What an adapter file must match: the model's class and family, and the shapes the tensors
+    attach to (the adapted layers' [in, out], a baseline adapter's side, a prefix's sizes)."""
     config = getattr(model, "config", None)
     family = getattr(config, "family", None) or getattr(config, "model_type", None)
     if isinstance(cfg, PrefixConfig):
         prefix = model.prefix_tuning
         shapes = {"prefix": {"layers": prefix.n_layer, "kv_heads": prefix.n_kv_heads, "head_dim": prefix.head_dim}}
-    else:
+    elif isinstance(cfg, AdapterConfig):
         shapes = {name: [m.base.in_features, m.base.out_features, m.side]
                   for name, m in model.named_modules() if isinstance(m, baselines.SeriesAdapter)}
+    else:
+        shapes = {name: [m.base.in_features, m.base.out_features] for name, m in
+                  model.named_modules() if isinstance(m, interlora.InterLoRALinear)}
     return {"class": type(model).__name__, "family": family, "shapes": shapes}
 
 
@@ -124,15 +152,13 @@ def save_adapter(path, model, cfg, info=None):
         json.dumps(info)
     except TypeError as e:
         raise AdapterError(f"adapter info must be plain JSON-like data: {e}") from None
-    if isinstance(cfg, InterLoRAConfig):
-        try:
-            return runs.save_torch(path, interlora.adapter_payload(model, cfg, info))
-        except OSError as e:
-            raise AdapterError(f"cannot write {path}: {e.strerror or e}") from None
     payload = {"format": "interlora-adapter", "version": 2, "method": cfg.method, "config": asdict(cfg),
                "info": info, "base": _base_description(model, cfg),
                "tensors": {k: v.cpu() for k, v in adapter_state_dict(model).items()}}
-    runs.save_torch(path, payload)
+    try:
+        runs.save_torch(path, payload)
+    except OSError as e:
+        raise AdapterError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def load_adapter(model, path):
@@ -144,9 +170,9 @@ def load_adapter(model, path):
     method = payload["method"]
     if method not in BASELINES:
         cfg = InterLoRAConfig(**payload["config"])
-        interlora.add_interlora(model, cfg, layer=fused.FusedInterLoRALinear)
+        add_adapters(model, cfg)
         try:
-            _check_base(path, payload, interlora.adapter_payload(model, cfg)["base"])
+            _check_base(path, payload, _base_description(model, cfg))
             params = {n: p for n, p in model.named_parameters() if is_adapter_parameter(n)}
             copy_tensors(path, params, payload["tensors"])
         except AdapterError:
@@ -169,6 +195,8 @@ def load_adapter(model, path):
 
 
 def _check_base(path, payload, base):
+    if "base" not in payload:  # written by interlora.save_adapter: the tensors' shapes decide
+        return
     saved, trained_on = payload["base"], payload["info"].get("model")
     hint = f"load it onto {trained_on}, the model it was trained on" if trained_on else \
         "load it onto the model it was trained on"

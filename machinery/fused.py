@@ -11,11 +11,15 @@ interlora.py computes Eq. 4-8 as the paper writes them; this subclass computes t
 - the per-sequence head gate of Eq. 6 as a batched product with head-scaled rows of B (baddbmm);
 - the decode state kept in place (fixed addresses, which CUDA graphs replay);
 - on a CPU, dropout's dropped places drawn as geometric gaps (about p n random numbers, not n).
+
+It also holds the training loss train.py uses, chunked_loss: model.py's next_token_loss without
+the (B, T, vocab) logits (tests/test_fast_paths.py holds it to the plain loss).
 """
 import torch
 import torch.nn.functional as F
 
 import interlora
+import model as model_module
 
 
 class FusedInterLoRALinear(interlora.InterLoRALinear):
@@ -83,7 +87,55 @@ def dropout_mask(x, p):
 
 
 def add_low_rank(out, a, b):
-    """out + a b^T as one fused matmul-add in out's dtype: out (..., d_out), a (..., k), b (d_out, k)."""
+    """out + a b^T as one fused matmul-add in out's dtype: out (..., d_out), a (..., k),
+    b (d_out, k)."""
     flat = torch.addmm(out.reshape(-1, out.shape[-1]), a.reshape(-1, a.shape[-1]).to(out.dtype),
                        b.t().to(out.dtype))
     return flat.view(out.shape)
+
+
+def chunked_loss(x, output, targets):
+    """model.next_token_loss, the same numbers, a chunk of rows of logits at a time (a frozen
+    output layer only: a trained one takes the plain loss and its gradient)."""
+    if output.weight.requires_grad:
+        return model_module.next_token_loss(x, output, targets)
+    return ChunkedCrossEntropy.apply(x.flatten(0, 1), output.weight, output.bias, targets.flatten())
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x W^T + b (N, vocab) against targets (N,), -100: not
+    scored.
+
+    The logits are made a chunk of rows at a time and turned at once into the gradient of x:
+    d loss / d x = (softmax - onehot(target)) W = softmax W - W[target], so no more than one
+    chunk of logits ever exists (not N x vocab of them, nor their fp32 copy, nor their gradient)
+    and backward only scales that gradient. The output layer is frozen base weight here: it gets
+    no gradient (chunked_loss takes model.py's plain loss when it is trained). A fixed number of
+    chunks, not a fixed size, so that a compiled graph serves every N.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, chunks=8):
+        N, dim = x.shape
+        rows = -(-N // chunks)  # per chunk: the last rows are padding, not scored
+        x = F.pad(x, (0, 0, 0, rows * chunks - N)).view(chunks, rows, dim)
+        targets = F.pad(targets, (0, rows * chunks - N), value=-100).view(chunks, rows)
+        total, grads = torch.zeros((), dtype=torch.float32, device=x.device), []
+        for chunk, chunk_targets in zip(x, targets):
+            scored = chunk_targets != -100
+            chunk_targets = chunk_targets.clamp(min=0)
+            logits = F.linear(chunk, weight, bias)  # (rows, vocab): one chunk of logits
+            log_probs = logits.float().log_softmax(-1)
+            total -= (log_probs.gather(1, chunk_targets[:, None])[:, 0] * scored).sum()
+            if ctx.needs_input_grad[0]:
+                probs = log_probs.exp_()  # the softmax, in place
+                grad = probs.to(x.dtype) @ weight - weight[chunk_targets]  # (rows, dim)
+                grads.append(grad * scored[:, None])
+        count = (targets != -100).sum()
+        ctx.save_for_backward(torch.cat(grads)[:N] if grads else None, count)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, count = ctx.saved_tensors
+        return grad_x * (grad_loss / count).to(grad_x.dtype), None, None, None, None

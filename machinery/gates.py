@@ -7,8 +7,8 @@
                                                              keeps its pre-trained value)
 
 A GateRecorder hooks every gated layer, takes its input as the model runs, and computes the
-gates from it with the layer's own weights, outside the model's forward: the model runs as it
-always does. Statistics are kept as running sums and histograms, so any number of prompts fits
+gates from it with the layer's own code (InterLoRALinear.head_gate and ffn_gate, in fp32), outside
+the model's forward: the model runs as it always does. Statistics are kept as running sums and histograms, so any number of prompts fits
 in memory. Used by report.py (the gate report) and train.py (a few numbers per logged step).
 """
 import re
@@ -17,6 +17,7 @@ from collections import defaultdict
 import torch
 
 import interlora
+from machinery import adapters
 
 BINS = 100  # head gates live in (0, 1): histograms of 0.01-wide bins give quantiles to 0.01
 ROLES = ("q", "k", "v", "gate", "up", "down")  # the order layers are listed in
@@ -27,7 +28,7 @@ def gated_layers(model):
 
     The role is the adapted projection: q, k, v (head gates) or gate, up, down (FFN gates).
     """
-    suffixes = {suffix: role for role, (suffix, _) in interlora.default_targets(model).items()}
+    suffixes = {suffix: role for role, (suffix, _) in adapters.default_targets(model).items()}
     found = []
     for name, module in model.named_modules():
         if isinstance(module, interlora.InterLoRALinear) and module.gate != "none":
@@ -38,21 +39,14 @@ def gated_layers(model):
 
 
 def head_gates(layer, x, real):
-    """Eq. 5 per sequence ("mean": (B, heads)) or per real token ("causal": (tokens, heads)), in fp32."""
-    s = torch.sigmoid(x.float() @ layer.gate_in.weight.float().T @ layer.gate_out.weight.float().T)  # (B, T, h)
-    real = real[..., None].float()  # (B, T, 1)
-    if layer.gate_pool == "mean":
-        return (s * real).sum(1) / real.sum(1).clamp(min=1)
-    running = (s * real).cumsum(1) / real.cumsum(1).clamp(min=1)  # the running mean over real tokens so far
-    return running[real[..., 0].bool()]
+    """Eq. 5 per sequence ("mean": (B, heads)) or per real token ("causal": (tokens, heads))."""
+    g = layer.head_gate(layer.gate_in(x.float()))  # (B, 1, heads) or (B, T, heads)
+    return g[:, 0] if layer.gate_pool == "mean" else g[real]
 
 
 def ffn_gates(layer, u, real):
     """Eq. 7 at every real token: (tokens, d_out); the sigmoid variant ("InterLoRA*") has no α."""
-    z = u.float()[real.bool()] @ layer.gate_in.weight.float().T @ layer.gate_out.weight.float().T
-    if layer.gate == "relu":
-        return layer.gate_scale.detach().float() * torch.relu(z)
-    return torch.sigmoid(z)
+    return layer.ffn_gate(u.float()[real])
 
 
 class GateRecorder:
@@ -82,11 +76,11 @@ class GateRecorder:
     def _hook(self, index, role):
         def record(module, args):
             x = args[0].detach()
-            mask = module.tokens.mask
-            T = x.shape[1]
-            real = mask[:, -T:].bool() if mask is not None else torch.ones(x.shape[:2], dtype=torch.bool,
-                                                                           device=x.device)
-            with torch.no_grad():
+            real, _ = module.real_tokens(x.shape[1])  # (B, T) or None: all real
+            real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if real is None \
+                else real.bool()
+            # the layer's own gate code, in fp32 whatever autocast the model runs under
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 if module.gate == "head":
                     self._add_head(self.sums[(self.group, index, role)], head_gates(module, x, real))
                 else:

@@ -5,7 +5,7 @@
 - The loss: ChunkedCrossEntropy equals F.cross_entropy over the full logits, value and gradient.
 - torch.compile on the CPU, tiny models: the training step and the decode step each compile to
   one graph (no graph breaks), once for a whole run, and compute what eager computes. The
-  compiler is inductor (torch.compile's default, as train.py --compile and generate(compile=True)
+  compiler is inductor (torch.compile's default, as train.py --compile and generate(decode_step=decode.compiled_decode_step(model))
   use it), wrapped in a counting backend that sees every graph dynamo hands over: one graph for
   several steps means no graph break (a break splits the code into more graphs) and no
   recompile. Losses are compared at rtol 1e-5: fused kernels sum in another order (fp32).
@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
+from machinery.adapters import default_targets
 import interlora
-from machinery import fused
+from machinery import decode, fused
 from interlora import InterLoRAConfig
 from model import PRESETS, ModelConfig, Transformer
 
@@ -39,7 +40,7 @@ def small_model(cfg, seed=0, name="tiny"):
     code path exercised."""
     torch.manual_seed(seed)
     model = Transformer(ModelConfig(**{**PRESETS[name], "dim": 64, "n_layer": 2, "ffn_dim": 160}))
-    interlora.add_interlora(model, cfg, layer=fused.FusedInterLoRALinear)
+    interlora.add_interlora(model, cfg, default_targets(model), layer=fused.FusedInterLoRALinear)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -73,7 +74,7 @@ def test_right_padded_training_needs_no_attention_mask(name):
     """Causal attention without a mask is exact for real tokens followed by padding: same outputs, same gradients."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name(name))
-    interlora.add_interlora(model, InterLoRAConfig(dropout=0.0), layer=fused.FusedInterLoRALinear)
+    interlora.add_interlora(model, InterLoRAConfig(dropout=0.0), default_targets(model), layer=fused.FusedInterLoRALinear)
     with torch.no_grad():
         for param_name, param in model.named_parameters():
             if "lora_B" in param_name:
@@ -110,7 +111,7 @@ def test_right_padded_training_gives_attention_no_mask(monkeypatch):
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_chunked_loss_equals_cross_entropy_over_all_logits(with_bias):
     """Value and gradient, with unscored rows, a row count that is no multiple of the chunks, and a bias (GPT-J)."""
-    from model import ChunkedCrossEntropy
+    from machinery.fused import ChunkedCrossEntropy
     generator = torch.Generator().manual_seed(4)
     x = torch.randn(37, 16, generator=generator, requires_grad=True)
     weight, bias = torch.randn(50, 16, generator=generator), torch.randn(50, generator=generator) if with_bias else None
@@ -155,16 +156,16 @@ def test_training_step_is_one_graph_for_a_whole_run(dropout):
 
 @pytest.mark.parametrize("pool", ["mean", "causal"])
 def test_decode_step_compiles_once_and_gives_the_eager_tokens(pool):
-    """generate(compile=True): fullgraph=True (a graph break would raise), one graph for every step and call."""
+    """generate with decode.compiled_decode_step: fullgraph=True (a graph break would raise), one graph for every step and call."""
     model = small_model(InterLoRAConfig(gate_pool=pool)).eval()
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [40] * 9]
     eager = model.generate(prompts, max_new_tokens=10)
     graphs = counters["stats"]["unique_graphs"]
-    assert model.generate(prompts, max_new_tokens=10, compile=True) == eager
-    assert model.generate(prompts, max_new_tokens=10, compile=True) == eager
+    assert model.generate(prompts, max_new_tokens=10, decode_step=decode.compiled_decode_step(model)) == eager
+    assert model.generate(prompts, max_new_tokens=10, decode_step=decode.compiled_decode_step(model)) == eager
     assert counters["stats"]["unique_graphs"] - graphs == 1
     # sampling goes through the same compiled step
-    sampled = [model.generate(prompts, max_new_tokens=6, temperature=0.8, top_k=20, compile=compiled,
+    sampled = [model.generate(prompts, max_new_tokens=6, temperature=0.8, top_k=20, decode_step=decode.compiled_decode_step(model) if compiled else None,
                               generator=torch.Generator().manual_seed(3)) for compiled in (False, True)]
     assert sampled[0] == sampled[1]
 
@@ -177,7 +178,7 @@ def matmul_kernels(code):
 @pytest.mark.parametrize("name", ["tiny", "tiny-gptj"])
 def test_decode_step_at_batch_one_computes_its_products_as_reductions(name):
     """CPU, one or two rows per step: the compiled decode step calls no matmul kernel (every weight, biased or not,
-    is read by a multiply-and-sum of its own: model.decode_backend) and gives eager's tokens; at three rows the
+    is read by a multiply-and-sum of its own: decode.decode_backend) and gives eager's tokens; at three rows the
     matmuls are MKL's again."""
     from torch._inductor.utils import run_and_get_code
     model = small_model(InterLoRAConfig(), name=name).eval()
@@ -186,7 +187,7 @@ def test_decode_step_at_batch_one_computes_its_products_as_reductions(name):
         eager = model.generate(prompts, max_new_tokens=8)
         model._compiled_decode_step = None  # compile anew: each batch size's code is captured
         torch.compiler.reset()
-        compiled, codes = run_and_get_code(lambda: model.generate(prompts, max_new_tokens=8, compile=True))
+        compiled, codes = run_and_get_code(lambda: model.generate(prompts, max_new_tokens=8, decode_step=decode.compiled_decode_step(model)))
         assert compiled == eager
         assert len(codes) == 1
         kernels[len(prompts)] = matmul_kernels(codes[0])

@@ -4,6 +4,7 @@ both poolings, a padded batch) and the same tokens from cached generation."""
 import pytest
 import torch
 
+from machinery.adapters import default_targets
 import interlora
 from machinery import fused
 from model import PRESETS, ModelConfig, Transformer
@@ -19,7 +20,7 @@ def pair(variant, pool, dropout=0.0):
         model = Transformer(ModelConfig(**PRESETS["tiny"]))
         cfg = interlora.InterLoRAConfig(**interlora.VARIANTS[variant], gate_pool=pool,
                                         dropout=dropout)
-        interlora.add_interlora(model, cfg, layer=layer)
+        interlora.add_interlora(model, cfg, default_targets(model), layer=layer)
         generator = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for name, p in model.named_parameters():

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from machinery.adapters import default_targets
 from machinery import gates
 import interlora
 import report
@@ -25,7 +26,7 @@ SHORT = ["--model", "tiny", "--task", "math", "--micro_batch_size", "2", "--grad
 def gated_tiny(variant="interlora", pool="mean", name="tiny"):
     """A tiny model with random gates (trained gates are not at their initial values either)."""
     model = load_model(name)
-    interlora.add_interlora(model, interlora.InterLoRAConfig(**interlora.VARIANTS[variant], gate_pool=pool))
+    interlora.add_interlora(model, interlora.InterLoRAConfig(**interlora.VARIANTS[variant], gate_pool=pool), default_targets(model))
     torch.manual_seed(1)
     with torch.no_grad():
         for n, p in model.named_parameters():

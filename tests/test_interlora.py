@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from machinery.adapters import default_targets
 import interlora
 from machinery import adapters, fused
 from interlora import (VARIANTS, AdapterError, InterLoRAConfig, InterLoRALinear, add_interlora,
@@ -68,7 +69,7 @@ def adapted(name="tiny", seed=0, **cfg_fields):
     """A tiny model with InterLoRA (cfg_fields) added and randomised, in eval mode, and its config."""
     model = tiny_model(name, seed)
     cfg = InterLoRAConfig(**cfg_fields)
-    add_interlora(model, cfg)
+    add_interlora(model, cfg, default_targets(model))
     return randomise_adapters(model).eval(), cfg
 
 
@@ -201,7 +202,7 @@ def trainable_count(model_name, **cfg_fields):
     with torch.device("meta"):
         model = Transformer(ModelConfig.from_name(model_name))
     try:
-        add_interlora(model, InterLoRAConfig(**cfg_fields))
+        add_interlora(model, InterLoRAConfig(**cfg_fields), default_targets(model))
     except AdapterError as e:
         return e
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -212,16 +213,16 @@ def variant_count(model_name, variant):
 
 
 PAPER_COUNTS = [  # SPEC §1 / paper Tables 1, 2 and 5
-    ("llama-7b", dict(method="lora"), 5_242_880),
-    ("llama-13b", dict(method="lora"), 8_192_000),
-    ("gptj-6b", dict(method="lora"), 4_587_520),
+    ("llama-7b", dict(VARIANTS["lora"]), 5_242_880),
+    ("llama-13b", dict(VARIANTS["lora"]), 8_192_000),
+    ("gptj-6b", dict(VARIANTS["lora"]), 4_587_520),
     ("llama-7b", dict(), 4_778_016),
     ("llama-13b", dict(), 7_478_440),
     ("gptj-6b", dict(), 4_932_508),
     ("llama-7b", dict(r=2), 2_762_784),
     ("llama-13b", dict(r=2), 4_324_520),
     ("gptj-6b", dict(r=2), 2_868_124),
-    ("llama-7b", dict(method="lora", r=5), 2_621_440),
+    ("llama-7b", dict(VARIANTS["lora"], r=5), 2_621_440),
 ]
 
 
@@ -288,7 +289,7 @@ def test_fresh_adapters_leave_logits_unchanged_exactly(name):
     mask = torch.ones_like(idx)
     mask[1, :4] = 0
     before = model(idx, attention_mask=mask)
-    add_interlora(model, InterLoRAConfig(ffn_targets=("up", "down")))
+    add_interlora(model, InterLoRAConfig(ffn_targets=("up", "down")), default_targets(model))
     assert torch.equal(model.eval()(idx, attention_mask=mask), before)
     assert torch.equal(model.train()(idx, attention_mask=mask), before)  # dropout acts on a zero update too
 
@@ -300,7 +301,7 @@ def test_only_adapters_train_and_base_stays_bit_identical():
     assert not any(is_adapter_parameter(name) for name in base_names)
 
     cfg = InterLoRAConfig(ffn_targets=("gate", "down"))
-    add_interlora(model, cfg)
+    add_interlora(model, cfg, default_targets(model))
     params = dict(model.named_parameters())
     adapters = {n: p for n, p in params.items() if is_adapter_parameter(n)}
     # wrapping renames W to *.base.weight and adds nothing else but adapter tensors
@@ -381,7 +382,7 @@ def test_lora_method_equals_peft_on_transformers_llama(r, alpha):
     hf_model = tiny_hf_llama()
     peft_model = peft_lora(hf_model, r, alpha)
     ours = copy.deepcopy(hf_model)
-    add_interlora(ours, InterLoRAConfig(method="lora", r=r, alpha=alpha))
+    add_interlora(ours, InterLoRAConfig(**dict(VARIANTS["lora"], r=r, alpha=alpha)), default_targets(ours))
     ours.eval()
     with torch.no_grad():
         for (layer, role, matrix), weight in peft_tensors(peft_model).items():
@@ -400,7 +401,7 @@ def test_lora_method_on_our_transformer_equals_peft(tmp_path):
     hf_model.save_pretrained(tmp_path)
     peft_model = peft_lora(hf_model, r, alpha)
     ours = load_checkpoint(tmp_path).float().eval()
-    add_interlora(ours, InterLoRAConfig(method="lora", r=r, alpha=alpha))
+    add_interlora(ours, InterLoRAConfig(**dict(VARIANTS["lora"], r=r, alpha=alpha)), default_targets(ours))
     n_head, n_kv = hf_model.config.num_attention_heads, hf_model.config.num_key_value_heads
     with torch.no_grad():
         for (layer, role, matrix), weight in peft_tensors(peft_model).items():
@@ -421,7 +422,7 @@ def test_lora_on_transformers_llama_trains_exactly_what_peft_trains():
     hf_model = tiny_hf_llama()
     base_names = [name for name, _ in hf_model.named_parameters()]
     peft_trainable, _ = peft_lora(hf_model, 10, 20).get_nb_trainable_parameters()
-    add_interlora(hf_model, InterLoRAConfig(method="lora"))
+    add_interlora(hf_model, InterLoRAConfig(**VARIANTS["lora"]), default_targets(hf_model))
     trainable = [name for name, p in hf_model.named_parameters() if p.requires_grad]
     wrongly_adapter = [name for name in base_names if is_adapter_parameter(name)]
     assert not wrongly_adapter, (f"is_adapter_parameter() accepts base weights of transformers' LLaMA, e.g. "
@@ -605,7 +606,7 @@ def test_transformers_llama_trains_with_padding():
     # weights of std 0.1 rather than 0.02: a base whose features carry signal, as a pre-trained one does,
     # so that adapters alone (frozen base) fit a small batch within a few steps
     hf_model = tiny_hf_llama(initializer_range=0.1).train()
-    add_interlora(hf_model, InterLoRAConfig(dropout=0.0))
+    add_interlora(hf_model, InterLoRAConfig(dropout=0.0), default_targets(hf_model))
     generator = torch.Generator().manual_seed(10)
     idx = random_tokens(generator, 4, 16, vocab=96)
     mask = torch.ones_like(idx)
@@ -626,7 +627,7 @@ def test_transformers_llama_trains_with_padding():
 @pytest.mark.parametrize("pool", ["mean", "causal"])
 def test_transformers_llama_gates_see_the_attention_mask(pool):
     hf_model = tiny_hf_llama()
-    add_interlora(hf_model, InterLoRAConfig(gate_pool=pool))
+    add_interlora(hf_model, InterLoRAConfig(gate_pool=pool), default_targets(hf_model))
     randomise_adapters(hf_model).eval()
     gates = record_head_gates(hf_model)
     seq = random_tokens(torch.Generator().manual_seed(11), 1, 8, vocab=96)
@@ -643,8 +644,8 @@ def test_transformers_llama_gates_see_the_attention_mask(pool):
 # ----------------------------------------------------------------------------- 7. merging
 
 @pytest.mark.parametrize("name, cfg_fields", [
-    ("tiny", dict(method="lora")),
-    ("tiny-gptj", dict(method="lora", r=3, alpha=4.5)),
+    ("tiny", dict(VARIANTS["lora"])),
+    ("tiny-gptj", dict(VARIANTS["lora"], r=3, alpha=4.5)),
     ("tiny-gptj", dict(attention_gate=False, ffn_gate="none")),  # gate-free LoRA on q, v and fc_out (biased)
 ])
 def test_merged_lora_equals_unmerged(name, cfg_fields):
@@ -681,7 +682,7 @@ def test_save_then_load_round_trips_exactly(tmp_path):
     assert os.listdir(tmp_path) == ["adapter.pt"]  # nothing left beside it
 
     fresh = tiny_model("tiny")  # the same base: same seed
-    loaded_cfg, loaded_info = load_adapter(fresh, path)
+    loaded_cfg, loaded_info = load_adapter(fresh, path, default_targets(fresh))
     fresh.eval()
     assert loaded_cfg == cfg and loaded_info == info
     saved, restored = adapter_state_dict(model), adapter_state_dict(fresh)
@@ -725,7 +726,7 @@ MISMATCHED_BASES = {  # a model the adapter of `tiny` does not fit
 @pytest.mark.parametrize("base, method", [(base, method) for base in MISMATCHED_BASES for method in ("interlora", "lora")
                                           if (base, method) != ("more-heads", "lora")])
 def test_loading_onto_a_mismatched_base_is_a_clear_error(tmp_path, base, method):
-    model, cfg = adapted("tiny", method=method)
+    model, cfg = adapted("tiny", **VARIANTS[method])
     path = tmp_path / "adapter.pt"
     adapters.save_adapter(path, model, cfg)
     with pytest.raises(AdapterError) as error:
@@ -787,26 +788,26 @@ def test_defaults_are_the_papers_interlora():
     assert set(cfg.attention_targets) == {"q", "v"} and tuple(cfg.ffn_targets) == ("down",)
     assert cfg.attention_gate is True and cfg.ffn_gate == "relu" and cfg.gate_scale_init == 10
     model = tiny_model("tiny")
-    add_interlora(model, cfg)
+    add_interlora(model, cfg, default_targets(model))
     layer = model.layers[0].feed_forward.w2
     assert layer.gate_scale.item() == 10.0 and layer.scaling == 2.0
     assert layer.dropout == 0.05
 
 
 def test_lora_method_is_the_papers_baseline():
-    cfg = InterLoRAConfig(method="lora")
+    cfg = InterLoRAConfig(**VARIANTS["lora"])
     assert (cfg.r, cfg.alpha / cfg.r) == (10, 2)
     assert set(cfg.attention_targets) == {"q", "v"} and not cfg.ffn_targets
     assert cfg.attention_gate is False and cfg.ffn_gate == "none"
     model = tiny_model("tiny")
-    add_interlora(model, cfg)
+    add_interlora(model, cfg, default_targets(model))
     assert set(adapter_layers(model)) == {f"layers.{i}.attention.{w}" for i in range(4) for w in ("wq", "wv")}
     assert not any(n.split(".")[-2].startswith("gate") for n in adapter_state_dict(model))
 
 
 @pytest.mark.parametrize("fields", [
-    dict(method="qlora"), dict(ffn_gate="tanh"), dict(gate_pool="max"),
-    dict(attention_targets=("o",)), dict(ffn_targets=("fc_in",)),
+    dict(method="qlora"), dict(ffn_gate="tanh"), dict(gate_pool="max"), dict(alpha=0),
+    dict(dropout=1.0), dict(method="lora"),  # "lora" alone keeps InterLoRA's gates: refused
 ])
 def test_invalid_choices_are_adapter_errors(fields):
     with pytest.raises(AdapterError) as error:
@@ -817,19 +818,23 @@ def test_invalid_choices_are_adapter_errors(fields):
 def test_negative_rank_is_an_adapter_error():
     with pytest.raises(AdapterError):
         InterLoRAConfig(r=-1)
-        pytest.fail("InterLoRAConfig(r=-1) is accepted (r=0 means the paper's default, a negative rank is "
-                    "an error); add_interlora then fails inside nn.Linear with a RuntimeError")
+        pytest.fail("InterLoRAConfig(r=-1) is accepted; add_interlora then fails inside nn.Linear "
+                    "with a RuntimeError")
 
 
 def test_adding_twice_and_unknown_targets_are_adapter_errors():
     model = tiny_model("tiny-gptj")
     with pytest.raises(AdapterError, match="gate"):
-        add_interlora(model, InterLoRAConfig(ffn_targets=("gate",)))
+        add_interlora(model, InterLoRAConfig(ffn_targets=("gate",)), default_targets(model))
     model = tiny_model("tiny")
-    add_interlora(model, InterLoRAConfig())
+    add_interlora(model, InterLoRAConfig(), default_targets(model))
     with pytest.raises(AdapterError, match="already"):
-        add_interlora(model, InterLoRAConfig())
-    assert interlora.default_targets(tiny_model("tiny-gptj"))["down"][0] == "feed_forward.w2"
+        add_interlora(model, InterLoRAConfig(), default_targets(model))
+    assert default_targets(tiny_model("tiny-gptj"))["down"][0] == "feed_forward.w2"
+    for fields in dict(attention_targets=("o",)), dict(ffn_targets=("fc_in",)):  # roles unknown
+        model = tiny_model("tiny")
+        with pytest.raises(AdapterError, match="no linear layer for target"):
+            add_interlora(model, InterLoRAConfig(**fields), default_targets(model))
 
 
 @pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
@@ -859,7 +864,7 @@ def test_dropout_masks_are_independent_draws_with_the_right_probability(p):
 def test_training_lora_output_is_unbiased_by_dropout():
     """dropout's 1 / (1 - p) goes into A: over many draws the training output averages to the eval output."""
     torch.manual_seed(1)
-    layer = InterLoRALinear(torch.nn.Linear(12, 6, bias=False), InterLoRAConfig(method="lora", r=3, dropout=0.3))
+    layer = InterLoRALinear(torch.nn.Linear(12, 6, bias=False), InterLoRAConfig(**dict(VARIANTS["lora"], r=3, dropout=0.3)))
     torch.nn.init.normal_(layer.lora_B.weight)
     x = torch.randn(5, 12)
     with torch.no_grad():

@@ -10,6 +10,7 @@ import re
 import pytest
 import torch
 
+from machinery.adapters import default_targets
 import interlora
 from machinery import fused
 from machinery.memory import (ACTIVATION_BYTES, DTYPES, NotEnoughMemory, check_memory, default_dtype, memory_available,
@@ -60,7 +61,7 @@ def test_kv_cache_is_what_setup_cache_allocates():
 
 def test_adapter_bytes_are_adamw_after_a_step():
     model = load_model("tiny")
-    interlora.add_interlora(model, interlora.InterLoRAConfig(), layer=fused.FusedInterLoRALinear)
+    interlora.add_interlora(model, interlora.InterLoRAConfig(), default_targets(model), layer=fused.FusedInterLoRALinear)
     params = [p for n, p in model.named_parameters() if interlora.is_adapter_parameter(n)]
     optimizer = torch.optim.AdamW(params)
     model(torch.randint(0, 259, (1, 8))).float().square().mean().backward()
@@ -74,7 +75,7 @@ def test_adapter_bytes_are_adamw_after_a_step():
 def saved_activation_bytes(name, dtype, autocast, batch_size, seq_len, grad_checkpointing=False):
     """Bytes of the tensors autograd keeps for backward in one training forward of InterLoRA on `name`."""
     model = load_model(name, dtype=dtype)
-    interlora.add_interlora(model, interlora.InterLoRAConfig(), layer=fused.FusedInterLoRALinear)
+    interlora.add_interlora(model, interlora.InterLoRAConfig(), default_targets(model), layer=fused.FusedInterLoRALinear)
     model.train()
     model.grad_checkpointing = grad_checkpointing
     own = {t.untyped_storage().data_ptr() for t in model.parameters()}

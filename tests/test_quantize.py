@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from machinery.adapters import default_targets
 import interlora
 from machinery import adapters
 from interlora import AdapterError, InterLoRAConfig, add_interlora, load_adapter, merge, save_adapter
@@ -153,7 +154,7 @@ def test_logits_are_as_close_to_fp32_as_rounding_noise_predicts(name, kind):
 @pytest.mark.parametrize("kind", QUANTIZE_KINDS)
 def test_training_adapters_on_a_quantized_base_lowers_the_loss(kind):
     model = load_model("tiny", quantize=kind)
-    add_interlora(model, InterLoRAConfig())
+    add_interlora(model, InterLoRAConfig(), default_targets(model))
     codes = {name: m.weight.clone() for name, m in quantized_layers(model).items()}
     model.train()
     params = [p for n, p in model.named_parameters() if interlora.is_adapter_parameter(n)]
@@ -190,7 +191,7 @@ def saved_tensors(model, idx):
 @pytest.mark.parametrize("kind", QUANTIZE_KINDS)
 def test_backward_keeps_no_full_precision_copy_of_a_weight(kind):
     model = load_model("tiny", quantize=kind)
-    add_interlora(model, InterLoRAConfig())
+    add_interlora(model, InterLoRAConfig(), default_targets(model))
     model.train()
     # one sequence of 8 tokens: every activation (at most 8 x 344 values) is smaller than any weight (128 x 128)
     idx = tokens(1, 8)
@@ -220,7 +221,7 @@ def test_backward_keeps_no_full_precision_copy_of_a_weight(kind):
 def test_adapters_trained_on_an_int8_base_save_and_load(tmp_path):
     model = load_model("tiny", quantize="int8")
     cfg = InterLoRAConfig()
-    add_interlora(model, cfg)
+    add_interlora(model, cfg, default_targets(model))
     with torch.no_grad():  # adapters that change the logits (B starts at zero)
         for name, param in model.named_parameters():
             if interlora.is_adapter_parameter(name):
@@ -233,14 +234,14 @@ def test_adapters_trained_on_an_int8_base_save_and_load(tmp_path):
     fresh = load_model("tiny", quantize="int8")
     with torch.no_grad():
         assert not torch.allclose(fresh(idx), logits, atol=1e-3)
-    load_adapter(fresh, tmp_path / "adapter.pt")
+    load_adapter(fresh, tmp_path / "adapter.pt", default_targets(fresh))
     with torch.no_grad():
         assert torch.equal(fresh(idx), logits)
 
 
 def test_merging_into_an_int8_base_is_refused_with_the_reason():
     model = load_model("tiny", quantize="int8")
-    add_interlora(model, InterLoRAConfig(method="lora"))  # plain LoRA: mergeable into a float base
+    add_interlora(model, InterLoRAConfig(**interlora.VARIANTS["lora"]), default_targets(model))  # plain LoRA: mergeable into a float base
     idx = tokens(1, 6)
     with torch.no_grad():
         before = model(idx)
