@@ -125,13 +125,14 @@ class InterLoRALinear(nn.Module):
             return self.gate_sum / self.gate_count.clamp(min=1)  # fixed by the prompt
         s = torch.sigmoid(self.gate_out(z).float())  # (B, T, heads)
         real = torch.ones_like(s[..., :1]) if real is None else real[..., None].to(s.dtype)
-        sums, counts = (s * real).cumsum(1), real.cumsum(1)  # over real tokens <= t: (B, T, .)
+        if self.gate_pool == "mean":  # sums over the whole sequence: (B, 1, .)
+            sums, counts = (s * real).sum(1, keepdim=True), real.sum(1, keepdim=True)
+        else:  # running sums over the real tokens <= t: (B, T, .)
+            sums, counts = (s * real).cumsum(1), real.cumsum(1)
         if continuing:  # "causal" only: "mean" returned above
             sums, counts = sums + self.gate_sum, counts + self.gate_count
         if not (self.training and torch.is_grad_enabled()):  # what decoding needs next
             self.keep_gate_state(sums[:, -1:].detach(), counts[:, -1:].detach())
-        if self.gate_pool == "mean":  # the sums over the whole sequence: (B, 1, .)
-            sums, counts = sums[:, -1:], counts[:, -1:]
         return sums / counts.clamp(min=1)
 
     def real_tokens(self, T):
@@ -198,8 +199,7 @@ def save_adapter(file, model, cfg, info=None):
 
 
 def load_adapter(model, file, targets, layer=InterLoRALinear):
-    """Add the adapters saved in `file` (a path, or the dict torch.load gave) to `model` and
-    load their tensors; returns (cfg, info). On a mismatch the model is left as it was."""
+    """Add the adapters saved in `file` (a path, or torch.load's dict) to `model`: (cfg, info)."""
     payload = file if isinstance(file, dict) else torch.load(file, weights_only=True)
     method = payload.get("method", "interlora")  # version 1 files name it in the config
     if payload.get("format") != "interlora-adapter" or method not in ("interlora", "lora"):

@@ -99,6 +99,9 @@ class Settings:
     device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
     reference_layer: bool = field(default=False, metadata={
         "help": "ours with interlora.py's clear layer instead of machinery/fused.py's"})
+    plain_dropout: bool = field(default=False, metadata={
+        "help": "ours' CPU dropout masks drawn one element at a time (torch's bernoulli), not as "
+                "machinery/fused.py's geometric gaps"})
 
 
 # ----------------------------------------------------------------------------- the stacks
@@ -508,6 +511,7 @@ def main(argv=None):
     cuda = s.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32  # as train.py and eval.py
     config = model_config(s)
+    fused.CPU_GAPS = not s.plain_dropout
     env = environment(s, config, dtype)
     print(json.dumps({"settings": asdict(s), "environment": env}, indent=2))
     results, tables = {"settings": asdict(s), "environment": env, "rows": []}, []

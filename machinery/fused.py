@@ -69,6 +69,9 @@ class FusedInterLoRALinear(interlora.InterLoRALinear):
             self.gate_sum, self.gate_count = sums.clone(), counts.clone()
 
 
+CPU_GAPS = True  # bench/speed.py --plain_dropout sets False: one draw per element, as on CUDA
+
+
 def dropout_mask(x, p):
     """Dropout's mask for x: True (kept) with probability 1 - p, each element independently.
 
@@ -77,7 +80,7 @@ def dropout_mask(x, p):
     time). 1.5 p n + 200 gaps reach past the last element except with probability below 1e-55
     (Chernoff's bound on n Bernoulli draws); elsewhere (CUDA) one draw per element.
     """
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or not CPU_GAPS:
         return torch.empty_like(x, dtype=torch.bool).bernoulli_(1 - p)
     n = x.numel()
     gaps = torch.empty(int(1.5 * p * n) + 200, dtype=torch.float64).geometric_(p)

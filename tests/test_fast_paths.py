@@ -22,7 +22,7 @@ from machinery.adapters import default_targets
 import interlora
 from machinery import decode, fused
 from interlora import InterLoRAConfig
-from model import PRESETS, ModelConfig, Transformer
+from model import PRESETS, ModelConfig, Transformer, next_token_loss
 
 
 @pytest.fixture(autouse=True)
@@ -41,6 +41,7 @@ def small_model(cfg, seed=0, name="tiny"):
     torch.manual_seed(seed)
     model = Transformer(ModelConfig(**{**PRESETS[name], "dim": 64, "n_layer": 2, "ffn_dim": 160}))
     interlora.add_interlora(model, cfg, default_targets(model), layer=fused.FusedInterLoRALinear)
+    model.loss_function = fused.chunked_loss  # as train.py runs it
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -126,9 +127,13 @@ def test_chunked_loss_equals_cross_entropy_over_all_logits(with_bias):
     torch.testing.assert_close(x.grad, x_plain.grad, rtol=1e-5, atol=1e-6)
 
 
-def test_model_loss_is_the_next_token_cross_entropy():
-    """labels= gives what train.py computed before: cross-entropy of position t against labels t + 1."""
+@pytest.mark.parametrize("loss", ["model.next_token_loss", "fused.chunked_loss"])
+def test_model_loss_is_the_next_token_cross_entropy(loss):
+    """labels= gives the cross-entropy of position t against labels t + 1, with model.py's plain
+    loss and with the chunked one train.py sets."""
     model = small_model(InterLoRAConfig()).eval()
+    model.loss_function = {"model.next_token_loss": next_token_loss,
+                           "fused.chunked_loss": fused.chunked_loss}[loss]
     idx, labels, mask = right_padded_batch(torch.Generator().manual_seed(5), [10, 7], 10)
     logits = model(idx, attention_mask=mask)
     expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)

@@ -77,6 +77,7 @@ def saved_activation_bytes(name, dtype, autocast, batch_size, seq_len, grad_chec
     model = load_model(name, dtype=dtype)
     interlora.add_interlora(model, interlora.InterLoRAConfig(), default_targets(model), layer=fused.FusedInterLoRALinear)
     model.train()
+    model.loss_function = fused.chunked_loss  # train.py's loss
     model.grad_checkpointing = grad_checkpointing
     own = {t.untyped_storage().data_ptr() for t in model.parameters()}
     storages = {}
