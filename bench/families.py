@@ -73,7 +73,7 @@ def model_config(name):
 
 
 def counted(config, method):
-    """(trainable, frozen) parameters of model.py's model with `method` added, on the meta device."""
+    """(trainable, frozen) parameters of model.py's model with `method` added, on meta."""
     with torch.device("meta"):
         model = Transformer(config)
     adapters.add_adapters(model, adapters.make_config(method))

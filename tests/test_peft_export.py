@@ -9,9 +9,11 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import train as train_script
 from machinery import adapters, peft_export
 from machinery.checkpoints import load_checkpoint, load_model
-from test_families import LLAMA3_ROPE, SHAPES, family_model, save_sharded, write_meta_llama3
+from test_families import (LLAMA3_ROPE, SHAPES, family_model, save_sharded, write_byte_bpe,
+                           write_meta_llama3)
 from test_model import randomize_, tiny_hf_model
 
 
@@ -96,3 +98,51 @@ def test_other_methods_are_refused_in_one_line(tmp_path, capsys, method, words):
     assert len(err) == 1 and err[0].startswith("error:") and words in err[0], err
     assert "only --method lora" in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.pt"]  # nothing half-written
+
+
+def export_error(capsys, *argv):
+    """The one error line (and exit code 2) of the command."""
+    with pytest.raises(SystemExit) as stop:
+        peft_export.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("error:"), err
+    return err[0]
+
+
+def test_a_moved_or_wrong_base_and_a_busy_out_dir_are_refused(tmp_path, capsys):
+    hf_model, folder = reference_and_folder("llama-3.2", tmp_path)
+    adapter, out = tmp_path / "adapter.pt", tmp_path / "peft"
+    lora_adapter(folder, adapter, ("q", "v"))
+    moved = folder.rename(tmp_path / "moved")
+    capsys.readouterr()  # transformers' progress bars while saving are not the command's output
+    assert "pass --model" in export_error(capsys, adapter, out)  # the folder it names is gone
+    # a base of other shapes would give wrong head counts
+    assert "[64, 64]" in export_error(capsys, adapter, out, "--model", "tiny")
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert "other files" in export_error(capsys, adapter, out, "--model", moved)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.pt", "moved", "peft"]
+    assert peft_export.main([str(adapter), str(tmp_path / "new"), "--model", str(moved)]) is None
+
+
+def test_an_adapter_train_py_wrote_exports(tmp_path, data_dir):
+    """The real file: train.py --method lora on a Llama 3.1 folder, exported by its own record
+    of the base, gives PEFT the logits of our model with the adapter loaded."""
+    hf_model = family_model("llama-3.1")
+    folder = write_byte_bpe(save_sharded(hf_model, tmp_path / "llama-3.1"))
+    out = tmp_path / "run"
+    train_script.main(["--model", str(folder), "--task", "math", "--method", "lora",
+                       "--max_steps", "2", "--lr", "0.05", "--micro_batch_size", "2",
+                       "--grad_accum", "1", "--cutoff_len", "64", "--data_dir", str(data_dir),
+                       "--out_dir", str(out), "--device", "cpu"])
+    assert peft_export.main([str(out / "adapter.pt"), str(tmp_path / "peft")]) is None
+    ours = load_checkpoint(folder)
+    adapters.load_adapter(ours, out / "adapter.pt")
+    idx = torch.randint(3, 259, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base_logits = hf_model(idx).logits
+        peft_model = PeftModel.from_pretrained(hf_model, tmp_path / "peft").eval()
+        logits = ours.eval()(idx)
+        torch.testing.assert_close(peft_model(idx).logits, logits, atol=1e-5, rtol=0)
+        assert (logits - base_logits).abs().max() > 1e-3  # two steps moved B
