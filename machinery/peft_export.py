@@ -35,8 +35,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 from interlora import AdapterError, InterLoRAConfig
 from machinery import adapters, runs
 from machinery.checkpoints import _HF_GPTJ_KEYS, _HF_LLAMA_KEYS, _rename, model_config
@@ -78,7 +76,8 @@ def rotate_half_rows(weight, heads):
     ...) become [e0, e1, ..., o0, o1, ...] (the inverse of what checkpoints.py does on loading)."""
     out_dim, width = weight.shape
     half = out_dim // heads // 2
-    return weight.reshape(heads, half, 2, width).transpose(1, 2).reshape(out_dim, width)
+    pairs = weight.reshape(heads, half, 2, width)  # (heads, half, 2, r): row 2i + j of a head
+    return pairs.transpose(1, 2).reshape(out_dim, width)  # (heads, 2, half, r): row j * half + i
 
 
 def write_safetensors(path, tensors):
@@ -96,8 +95,8 @@ def write_safetensors(path, tensors):
     def write(f):
         f.write(len(text).to_bytes(8, "little"))
         f.write(text)
-        for tensor in tensors.values():  # torch's CPU tensors are little-endian on every host
-            f.write(tensor.numpy().tobytes())
+        for tensor in tensors.values():  # safetensors is little-endian, whatever the host
+            f.write(tensor.numpy().astype("<f4", copy=False).tobytes())
     runs.write_atomically(path, write, binary=True)
 
 
