@@ -118,7 +118,11 @@ def check_exportable(path, payload):
     if method != "lora":
         raise AdapterError(f"{path} holds a {method} adapter, and only --method lora adapters "
                            f"export to PEFT: {REFUSALS.get(method, 'it is no plain LoRA')}")
-    cfg = InterLoRAConfig(**payload["config"])
+    try:
+        cfg = InterLoRAConfig(**payload["config"])
+    except TypeError as e:
+        raise AdapterError(f"{path}: its LoRA config {payload['config']} does not fit this "
+                           f"version ({e})") from None
     gated = [n for n in payload["tensors"] if not n.rpartition(".lora_")[1]]
     if cfg.attention_gate or cfg.ffn_gate != "none" or gated:
         raise AdapterError(f"{path} holds LoRA with gates ({(gated or ['its config'])[0]}): "
