@@ -6,6 +6,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from bench import families
+from conftest import ROOT
 from machinery import adapters
 
 
@@ -36,11 +37,14 @@ def test_counts_agree_two_ways_and_with_transformers_and_peft(name):
         p.numel() for p in lora4.parameters() if p.requires_grad)
 
 
-def test_the_table_has_every_family():
+def test_the_table_has_every_family_and_the_readme_gives_it():
     rows = list(families.rows())
     table = families.table(rows)
     assert [row["model"] for row in rows] == list(families.CONFIGS)
     assert "!=" not in table and len(table.splitlines()) == 2 + len(rows)
+    readme = (ROOT / "README.md").read_text(encoding="utf-8").splitlines()
+    missing = [line for line in table.splitlines() if line not in readme]
+    assert not missing, f"the README's table is not what python bench/families.py prints: {missing}"
     for row in rows:  # nf4 weights are smaller, and the total holds the weights
         assert sum(row["nf4"].values()) < sum(row["bf16"].values())
         assert row["bf16"]["weights"] < sum(row["bf16"].values())
