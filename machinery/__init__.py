@@ -6,6 +6,7 @@
     distributed.py   torchrun: data-parallel training, a sharded base, sharded evaluation
     runs.py          command lines, one-line errors, output folders, atomic files
     adapters.py      one adapter file for every method (InterLoRA, LoRA, Adapter, Prefix)
+    peft_export.py   a LoRA adapter file written in PEFT's format (python -m machinery.peft_export)
     gates.py         the gate statistics of the report and of the training log
     download.py      the LLM-Adapters data files, pinned and checked
 """
