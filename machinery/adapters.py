@@ -23,13 +23,14 @@ import torch
 
 import baselines
 import interlora
-from machinery import runs
+from machinery import checks, runs
 from baselines import AdapterConfig, BaselineError, PrefixConfig
 from interlora import AdapterError, InterLoRAConfig
 
 # train.py's --method: InterLoRA's variants (lora among them), then the two baselines
 BASELINES = {"adapter": AdapterConfig, "prefix": PrefixConfig}
 METHODS = list(interlora.VARIANTS) + list(BASELINES)
+CONFIG_CLASSES = {"interlora": InterLoRAConfig, "lora": InterLoRAConfig, **BASELINES}
 ERRORS = (AdapterError, BaselineError)  # what building, saving and loading raise for bad input
 
 
@@ -79,12 +80,11 @@ def method_of(payload):
 
 
 def read_adapter(path):
-    """The payload of an adapter file of any method, checked (interlora.read_adapter), its method named."""
+    """The payload of an adapter file of any method, checked field by field (machinery.checks)
+    before any of it is used, its method named."""
     payload = interlora.read_adapter(path)
+    checks.check_adapter_payload(path, payload, CONFIG_CLASSES, AdapterError)
     payload["method"] = method_of(payload)
-    if payload["method"] not in ("interlora", "lora", *BASELINES):
-        raise AdapterError(f"{path} holds an adapter of method {payload['method']!r}, which this version does not "
-                           f"know (it knows {', '.join(('interlora', 'lora', *BASELINES))})")
     return payload
 
 
@@ -123,6 +123,7 @@ def load_adapter(model, path):
     """
     payload = read_adapter(path)
     method = payload["method"]
+    check_base(model, path, payload)  # one message for every method, before any tensor is copied
     if method not in BASELINES:
         return interlora.load_adapter(model, path)
     try:
@@ -140,19 +141,48 @@ def load_adapter(model, path):
     return cfg, payload["info"]
 
 
+def check_base(model, path, payload=None):
+    """Refuse the adapter file `path` for `model` when it was made for another base; the model is
+    left as it was. Works on a model built on the meta device (eval.py checks before any weight
+    is read)."""
+    payload = payload or read_adapter(path)
+    method = payload["method"]
+    try:
+        cfg = (BASELINES[method] if method in BASELINES else InterLoRAConfig)(**payload["config"])
+    except TypeError as e:
+        raise AdapterError(f"{path}: the {method} config {payload['config']} does not fit this version ({e})") from None
+    add_adapters(model, cfg)
+    try:
+        base = _base_description(model, cfg) if method in BASELINES else interlora._base_description(model)
+        _check_base(path, payload, base)
+    finally:
+        remove_adapters(model)
+
+
 def _check_base(path, payload, base):
+    """Refuse a base other than the adapter's, saying which model it was made for and what to do."""
     saved, trained_on = payload["base"], payload["info"].get("model")
-    hint = f"load it onto {trained_on}, the model it was trained on" if trained_on else \
-        "load it onto the model it was trained on"
+    hint = (f"load it onto {trained_on}, the model it was trained on (eval.py --model {trained_on})"
+            if trained_on else "load it onto the model it was trained on")
+    made_for = f"{path} was made for {trained_on or 'another base model'}"
     prefix, found = saved["shapes"].get("prefix"), base["shapes"].get("prefix")
     if prefix and found and prefix != found:
-        raise AdapterError(f"{path} was made for another base model: its prefix holds keys and values for "
-                           f"{prefix['layers']} layers of {prefix['kv_heads']} heads x {prefix['head_dim']}, this "
-                           f"model has {found['layers']} layers of {found['kv_heads']} x {found['head_dim']}: {hint}")
-    for key in ("class", "family", "shapes"):
+        raise AdapterError(f"{made_for}: its prefix holds keys and values for {prefix['layers']} layers of "
+                           f"{prefix['kv_heads']} heads x {prefix['head_dim']}, this model has {found['layers']} "
+                           f"layers of {found['kv_heads']} x {found['head_dim']}: {hint}")
+    for key in ("class", "family"):
         if saved[key] != base[key]:
-            raise AdapterError(f"{path} was made for another base model: its {key} is {saved[key]}, this model's "
-                               f"is {base[key]}"[:400] + f": {hint}")
+            raise AdapterError(f"{made_for}: its base {key} is {saved[key]}, this model's is {base[key]}: {hint}")
+    ours, theirs = base["shapes"], saved["shapes"]
+    for name in sorted(ours.keys() | theirs.keys()):
+        if ours.get(name) != theirs.get(name):
+            if name not in ours:
+                what = f"it adapts {name}, which this model does not have"
+            elif name not in theirs:
+                what = f"this model has {name}, which it does not adapt"
+            else:
+                what = f"its {name} is {theirs[name]} wide (in, out), this model's {ours[name]}"
+            raise AdapterError(f"{made_for} ({len(theirs)} adapted layers): {what}: {hint}")
 
 
 def merge(model):

@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 
 from model import PRESETS, RANDOM_PRESETS, SHAPE_FIELDS, CheckpointError, ModelConfig, Transformer
+from machinery import checks
+from machinery.checks import rule
 from machinery.quantize import QUANTIZE_KINDS, Quantizer, quantize_model
 
 
@@ -177,6 +179,45 @@ _META_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multi
                 "norm_eps", "rope_theta", "max_seq_len", "max_batch_size", "use_scaled_rope"}
 
 
+# Types and ranges of the fields read, checked before a model is built or a folder made. The
+# bounds are far past every released model (widths to 2^16, 1,024 layers, 2^21 tokens of context)
+# and keep a damaged file from building a model that hangs or a width that divides by zero.
+_WIDTH, _LAYERS, _VOCAB, _CONTEXT = 1 << 16, 1024, 1 << 22, 1 << 21
+_EPS = rule(float, low=1e-12, high=0.1)
+_META_RULES = {"dim": rule(int, low=1, high=_WIDTH), "n_layers": rule(int, low=1, high=_LAYERS),
+               "n_heads": rule(int, low=1, high=_WIDTH), "n_kv_heads": rule(int, low=1, high=_WIDTH, none_ok=True),
+               "vocab_size": rule(int, low=-1, high=_VOCAB), "multiple_of": rule(int, low=1, high=_WIDTH),
+               "ffn_dim_multiplier": rule(float, low=0.01, high=100, none_ok=True), "norm_eps": _EPS,
+               "rope_theta": rule(float, low=1, high=1e12), "max_seq_len": rule(int, low=1, high=_CONTEXT),
+               "max_batch_size": rule(int, low=1), "use_scaled_rope": rule(bool)}
+_TOKEN_ID = rule(int, low=0, high=_VOCAB, none_ok=True)
+_HF_RULES = {
+    "llama": {"hidden_size": rule(int, low=1, high=_WIDTH), "num_hidden_layers": rule(int, low=1, high=_LAYERS),
+              "num_attention_heads": rule(int, low=1, high=_WIDTH),
+              "num_key_value_heads": rule(int, low=1, high=_WIDTH, none_ok=True),
+              "intermediate_size": rule(int, low=1, high=16 * _WIDTH), "vocab_size": rule(int, low=1, high=_VOCAB),
+              "rms_norm_eps": _EPS, "rope_theta": rule(float, low=1, high=1e12),
+              "max_position_embeddings": rule(int, low=1, high=_CONTEXT), "bos_token_id": _TOKEN_ID,
+              "eos_token_id": rule(int, list, low=0, high=_VOCAB, none_ok=True), "head_dim": rule(int, none_ok=True)},
+    "gptj": {"n_embd": rule(int, low=1, high=_WIDTH), "n_layer": rule(int, low=1, high=_LAYERS),
+             "n_head": rule(int, low=1, high=_WIDTH), "n_inner": rule(int, low=1, high=16 * _WIDTH, none_ok=True),
+             "rotary_dim": rule(int, low=2, high=_WIDTH, none_ok=True), "vocab_size": rule(int, low=1, high=_VOCAB),
+             "layer_norm_epsilon": _EPS, "n_positions": rule(int, low=1, high=_CONTEXT),
+             "bos_token_id": _TOKEN_ID, "eos_token_id": rule(int, list, low=0, high=_VOCAB, none_ok=True)},
+}
+_CONFIG_ADVICE = "repair the file or download it again"
+
+
+def _check_heads(path, dim, n_head, n_kv_heads, names):
+    """Heads must split the width, and key/value heads the heads (grouped-query attention)."""
+    if dim % n_head:
+        raise CheckpointError(f"{path}: {names[0]} {dim} is not a multiple of {names[1]} {n_head}: "
+                              f"{_CONFIG_ADVICE}")
+    if n_kv_heads and (n_kv_heads > n_head or n_head % n_kv_heads):
+        raise CheckpointError(f"{path}: {names[1]} {n_head} is not a multiple of {names[2]} {n_kv_heads}: "
+                              f"{_CONFIG_ADVICE}")
+
+
 def _meta_shard_files(folder):
     files = sorted(folder.glob("consolidated.*.pth"))
     if not files:
@@ -196,6 +237,9 @@ def _meta_config(folder):
     if unknown:
         raise CheckpointError(f"{path}: {unknown[0]} = {json.dumps(params[unknown[0]])} is a field this loader "
                               "does not know, so it cannot promise to run the model exactly")
+    checks.check_fields(path, params, _META_RULES, CheckpointError, _CONFIG_ADVICE)
+    _check_heads(path, _positive_int(params, "dim", path), _positive_int(params, "n_heads", path),
+                 params.get("n_kv_heads"), ("dim", "n_heads", "n_kv_heads"))
     if params.get("use_scaled_rope"):
         raise CheckpointError(f"{path}: use_scaled_rope = true (Llama 3.1's rope scaling) is not supported; "
                               "only plain rotary is")
@@ -227,6 +271,14 @@ def _hf_config(folder):
     kind = hf.get("model_type")
     if kind not in ("llama", "gptj"):
         raise CheckpointError(f"{path}: model_type = {json.dumps(kind)} is not supported: expected llama or gptj")
+
+    checks.check_fields(path, hf, _HF_RULES[kind], CheckpointError, _CONFIG_ADVICE)
+    if kind == "llama":
+        _check_heads(path, _positive_int(hf, "hidden_size", path), _positive_int(hf, "num_attention_heads", path),
+                     hf.get("num_key_value_heads"), ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+    else:
+        _check_heads(path, _positive_int(hf, "n_embd", path), _positive_int(hf, "n_head", path), None,
+                     ("n_embd", "n_head", ""))
 
     def refuse(field, why):
         raise CheckpointError(f"{path}: {field} = {json.dumps(hf[field])} is not supported ({why}); only plain "
