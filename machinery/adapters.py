@@ -150,10 +150,12 @@ def check_base(model, path, payload=None):
     try:
         cfg = (BASELINES[method] if method in BASELINES else InterLoRAConfig)(**payload["config"])
     except TypeError as e:
-        raise AdapterError(f"{path}: the {method} config {payload['config']} does not fit this version ({e})") from None
+        raise AdapterError(f"{path}: the {method} config {payload['config']} does not fit this "
+                           f"version ({e})") from None
     add_adapters(model, cfg)
     try:
-        base = _base_description(model, cfg) if method in BASELINES else interlora._base_description(model)
+        base = (_base_description(model, cfg) if method in BASELINES
+                else interlora._base_description(model))
         _check_base(path, payload, base)
     finally:
         remove_adapters(model)
@@ -164,15 +166,17 @@ def _check_base(path, payload, base):
     saved, trained_on = payload["base"], payload["info"].get("model")
     hint = (f"load it onto {trained_on}, the model it was trained on (eval.py --model {trained_on})"
             if trained_on else "load it onto the model it was trained on")
-    made_for = f"{path} was made for {trained_on or 'another base model'}"
+    made_for = f"{path} was made for another base model" + (f", {trained_on}" if trained_on else "")
     prefix, found = saved["shapes"].get("prefix"), base["shapes"].get("prefix")
     if prefix and found and prefix != found:
-        raise AdapterError(f"{made_for}: its prefix holds keys and values for {prefix['layers']} layers of "
-                           f"{prefix['kv_heads']} heads x {prefix['head_dim']}, this model has {found['layers']} "
-                           f"layers of {found['kv_heads']} x {found['head_dim']}: {hint}")
+        raise AdapterError(f"{made_for}: its prefix holds keys and values for {prefix['layers']} "
+                           f"layers of {prefix['kv_heads']} heads x {prefix['head_dim']}, this "
+                           f"model has {found['layers']} layers of {found['kv_heads']} x "
+                           f"{found['head_dim']}: {hint}")
     for key in ("class", "family"):
         if saved[key] != base[key]:
-            raise AdapterError(f"{made_for}: its base {key} is {saved[key]}, this model's is {base[key]}: {hint}")
+            raise AdapterError(f"{made_for}: its base {key} is {saved[key]}, this model's is "
+                               f"{base[key]}: {hint}")
     ours, theirs = base["shapes"], saved["shapes"]
     for name in sorted(ours.keys() | theirs.keys()):
         if ours.get(name) != theirs.get(name):

@@ -184,26 +184,32 @@ _META_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multi
 # and keep a damaged file from building a model that hangs or a width that divides by zero.
 _WIDTH, _LAYERS, _VOCAB, _CONTEXT = 1 << 16, 1024, 1 << 22, 1 << 21
 _EPS = rule(float, low=1e-12, high=0.1)
-_META_RULES = {"dim": rule(int, low=1, high=_WIDTH), "n_layers": rule(int, low=1, high=_LAYERS),
-               "n_heads": rule(int, low=1, high=_WIDTH), "n_kv_heads": rule(int, low=1, high=_WIDTH, none_ok=True),
-               "vocab_size": rule(int, low=-1, high=_VOCAB), "multiple_of": rule(int, low=1, high=_WIDTH),
-               "ffn_dim_multiplier": rule(float, low=0.01, high=100, none_ok=True), "norm_eps": _EPS,
-               "rope_theta": rule(float, low=1, high=1e12), "max_seq_len": rule(int, low=1, high=_CONTEXT),
-               "max_batch_size": rule(int, low=1), "use_scaled_rope": rule(bool)}
-_TOKEN_ID = rule(int, low=0, high=_VOCAB, none_ok=True)
+_THETA, _ID = rule(float, low=1, high=1e12), rule(int, low=0, high=_VOCAB, none_ok=True)
+_EOS = rule(int, list, low=0, high=_VOCAB, none_ok=True)  # a list is refused by name below
+
+
+def _count(high, none_ok=False, low=1):
+    return rule(int, low=low, high=high, none_ok=none_ok)
+
+
+_META_RULES = {"dim": _count(_WIDTH), "n_layers": _count(_LAYERS), "n_heads": _count(_WIDTH),
+               "n_kv_heads": _count(_WIDTH, none_ok=True), "vocab_size": _count(_VOCAB, low=-1),
+               "multiple_of": _count(_WIDTH), "norm_eps": _EPS, "rope_theta": _THETA,
+               "ffn_dim_multiplier": rule(float, low=0.01, high=100, none_ok=True),
+               "max_seq_len": _count(_CONTEXT), "max_batch_size": rule(int, low=1),
+               "use_scaled_rope": rule(bool)}
 _HF_RULES = {
-    "llama": {"hidden_size": rule(int, low=1, high=_WIDTH), "num_hidden_layers": rule(int, low=1, high=_LAYERS),
-              "num_attention_heads": rule(int, low=1, high=_WIDTH),
-              "num_key_value_heads": rule(int, low=1, high=_WIDTH, none_ok=True),
-              "intermediate_size": rule(int, low=1, high=16 * _WIDTH), "vocab_size": rule(int, low=1, high=_VOCAB),
-              "rms_norm_eps": _EPS, "rope_theta": rule(float, low=1, high=1e12),
-              "max_position_embeddings": rule(int, low=1, high=_CONTEXT), "bos_token_id": _TOKEN_ID,
-              "eos_token_id": rule(int, list, low=0, high=_VOCAB, none_ok=True), "head_dim": rule(int, none_ok=True)},
-    "gptj": {"n_embd": rule(int, low=1, high=_WIDTH), "n_layer": rule(int, low=1, high=_LAYERS),
-             "n_head": rule(int, low=1, high=_WIDTH), "n_inner": rule(int, low=1, high=16 * _WIDTH, none_ok=True),
-             "rotary_dim": rule(int, low=2, high=_WIDTH, none_ok=True), "vocab_size": rule(int, low=1, high=_VOCAB),
-             "layer_norm_epsilon": _EPS, "n_positions": rule(int, low=1, high=_CONTEXT),
-             "bos_token_id": _TOKEN_ID, "eos_token_id": rule(int, list, low=0, high=_VOCAB, none_ok=True)},
+    "llama": {"hidden_size": _count(_WIDTH), "num_hidden_layers": _count(_LAYERS),
+              "num_attention_heads": _count(_WIDTH), "num_key_value_heads": _count(_WIDTH, True),
+              "intermediate_size": _count(16 * _WIDTH), "vocab_size": _count(_VOCAB),
+              "rms_norm_eps": _EPS, "rope_theta": _THETA,
+              "max_position_embeddings": _count(_CONTEXT),
+              "bos_token_id": _ID, "eos_token_id": _EOS, "head_dim": _count(_WIDTH, True)},
+    "gptj": {"n_embd": _count(_WIDTH), "n_layer": _count(_LAYERS), "n_head": _count(_WIDTH),
+             "n_inner": _count(16 * _WIDTH, True), "rotary_dim": _count(_WIDTH, True, low=2),
+             "vocab_size": _count(_VOCAB), "layer_norm_epsilon": _EPS,
+             "n_positions": _count(_CONTEXT),
+             "bos_token_id": _ID, "eos_token_id": _EOS},
 }
 _CONFIG_ADVICE = "repair the file or download it again"
 
@@ -214,8 +220,8 @@ def _check_heads(path, dim, n_head, n_kv_heads, names):
         raise CheckpointError(f"{path}: {names[0]} {dim} is not a multiple of {names[1]} {n_head}: "
                               f"{_CONFIG_ADVICE}")
     if n_kv_heads and (n_kv_heads > n_head or n_head % n_kv_heads):
-        raise CheckpointError(f"{path}: {names[1]} {n_head} is not a multiple of {names[2]} {n_kv_heads}: "
-                              f"{_CONFIG_ADVICE}")
+        raise CheckpointError(f"{path}: {names[1]} {n_head} is not a multiple of {names[2]} "
+                              f"{n_kv_heads}: {_CONFIG_ADVICE}")
 
 
 def _meta_shard_files(folder):
@@ -274,11 +280,12 @@ def _hf_config(folder):
 
     checks.check_fields(path, hf, _HF_RULES[kind], CheckpointError, _CONFIG_ADVICE)
     if kind == "llama":
-        _check_heads(path, _positive_int(hf, "hidden_size", path), _positive_int(hf, "num_attention_heads", path),
-                     hf.get("num_key_value_heads"), ("hidden_size", "num_attention_heads", "num_key_value_heads"))
+        names = ("hidden_size", "num_attention_heads", "num_key_value_heads")
+        _check_heads(path, _positive_int(hf, names[0], path), _positive_int(hf, names[1], path),
+                     hf.get(names[2]), names)
     else:
-        _check_heads(path, _positive_int(hf, "n_embd", path), _positive_int(hf, "n_head", path), None,
-                     ("n_embd", "n_head", ""))
+        _check_heads(path, _positive_int(hf, "n_embd", path), _positive_int(hf, "n_head", path),
+                     None, ("n_embd", "n_head", ""))
 
     def refuse(field, why):
         raise CheckpointError(f"{path}: {field} = {json.dumps(hf[field])} is not supported ({why}); only plain "

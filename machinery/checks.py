@@ -30,8 +30,8 @@ def rule(*types, low=None, high=None, choices=None, required=False, none_ok=Fals
     return Rule(types, low, high, choices, required, none_ok)
 
 
-_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a JSON object",
-               list: "a list", tuple: "a list"}
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               dict: "a JSON object", list: "a list", tuple: "a list"}
 
 
 def found(value):
@@ -59,7 +59,8 @@ def check_value(where, name, value, r, error, advice):
     if isinstance(value, float) and not math.isfinite(value):
         raise error(f"{where}: {name} is {value}, expected a finite number: {advice}")
     if r.choices is not None and value not in r.choices:
-        raise error(f"{where}: {name} is {value!r}, expected one of {', '.join(map(repr, r.choices))}: {advice}")
+        allowed = ", ".join(map(repr, r.choices))
+        raise error(f"{where}: {name} is {value!r}, expected one of {allowed}: {advice}")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         if (r.low is not None and value < r.low) or (r.high is not None and value > r.high):
             span = (f"from {r.low} to {r.high}" if r.low is not None and r.high is not None
@@ -73,13 +74,13 @@ def check_fields(where, record, rules, error, advice, unknown_ok=True, prefix=""
     Fields absent from `rules` are refused unless unknown_ok (a Hugging Face config.json holds
     many fields no loader reads; our own files hold only what we wrote)."""
     if not isinstance(record, dict):
-        raise error(f"{where}: {prefix.rstrip('.') or 'the file'} is {found(record)}, expected a JSON object: "
-                    f"{advice}")
+        what = prefix.rstrip(".") or "the file"
+        raise error(f"{where}: {what} is {found(record)}, expected a JSON object: {advice}")
     if not unknown_ok:
         unknown = sorted(str(k) for k in record if k not in rules)
         if unknown:
-            raise error(f"{where}: {prefix}{unknown[0]} is a field this version does not know (it knows "
-                        f"{', '.join(rules)}): {advice}")
+            raise error(f"{where}: {prefix}{unknown[0]} is a field this version does not know "
+                        f"(it knows {', '.join(rules)}): {advice}")
     for name, r in rules.items():
         if name not in record:
             if r.required:
@@ -107,7 +108,8 @@ def depth(value, limit):
 def dataclass_rules(cls):
     """Rules for a config dataclass as saved by asdict: each field of its annotated type (a tuple
     may come back as a list; a field whose default is None may be None)."""
-    kinds = {"int": (int,), "float": (float,), "str": (str,), "bool": (bool,), "tuple": (tuple, list)}
+    kinds = {"int": (int,), "float": (float,), "str": (str,), "bool": (bool,),
+             "tuple": (tuple, list)}
     rules = {}
     for f in fields(cls):
         annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
@@ -128,25 +130,30 @@ def check_adapter_payload(path, payload, config_classes, error):
         "method": rule(str, choices=tuple(config_classes)),
         "config": rule(dict, required=True), "info": rule(dict, required=True),
         "base": rule(dict, required=True), "tensors": rule(dict, required=True),
-    }, error, advice.replace("train it again", f"this version reads adapter versions "
-                             f"{', '.join(map(str, ADAPTER_VERSIONS))}; train it again"), unknown_ok=False)
+    }, error, f"this version reads adapter versions {', '.join(map(str, ADAPTER_VERSIONS))}; "
+              "train it again", unknown_ok=False)
     if payload["version"] >= 2 and "method" not in payload:
-        raise error(f"{path}: the field method is missing (a version-2 file names its method): {advice}")
+        raise error(f"{path}: the field method is missing (a version-2 file names its method): "
+                    f"{advice}")
     method = payload.get("method") or payload["config"].get("method", "interlora")
     if method not in config_classes:
-        raise error(f"{path}: config.method is {method!r}, expected one of {', '.join(config_classes)}: {advice}")
+        raise error(f"{path}: config.method is {method!r}, expected one of "
+                    f"{', '.join(config_classes)}: {advice}")
     check_fields(path, payload["config"], dataclass_rules(config_classes[method]), error, advice,
                  unknown_ok=False, prefix="config.")
-    check_fields(path, payload["base"], {"class": rule(str, required=True), "family": rule(str, none_ok=True),
-                                         "shapes": rule(dict, required=True)}, error, advice, prefix="base.")
+    base_rules = {"class": rule(str, required=True), "family": rule(str, none_ok=True),
+                  "shapes": rule(dict, required=True)}
+    check_fields(path, payload["base"], base_rules, error, advice, prefix="base.")
     for key in ("model", "task"):
         if key in payload["info"]:
-            check_value(path, f"info.{key}", payload["info"][key], rule(str, none_ok=True), error, advice)
+            check_value(path, f"info.{key}", payload["info"][key], rule(str, none_ok=True), error,
+                        advice)
     if "steps" in payload["info"]:
         check_value(path, "info.steps", payload["info"]["steps"], rule(int, low=0), error, advice)
     for name, tensor in payload["tensors"].items():
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            raise error(f"{path}: tensors[{name!r}] is {type(tensor).__name__}, expected a tensor: {advice}")
+            raise error(f"{path}: tensors[{name!r}] is {type(tensor).__name__}, expected a tensor: "
+                        f"{advice}")
         if not tensor.is_floating_point():
-            raise error(f"{path}: tensor {name} is {tensor.dtype}, expected floating point (float32, "
-                        f"bfloat16, float16): {advice}")
+            raise error(f"{path}: tensor {name} is {tensor.dtype}, expected floating point "
+                        f"(float32, bfloat16, float16): {advice}")

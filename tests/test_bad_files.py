@@ -97,7 +97,7 @@ def test_an_adapter_on_another_base_says_which_model_it_was_made_for(trained, tm
     (out / "run.json").write_text(json.dumps({"model": "something else"}))  # a reuse check would refuse this
     message = stopped(evaluate_script.main, ["--adapter", adapter, "--model", "tiny-gptj", "--data_dir", data,
                                              "--out_dir", out], capsys)
-    assert "was made for tiny" in message and "eval.py --model tiny" in message, message
+    assert "was made for another base model, tiny" in message and "eval.py --model tiny" in message, message
     assert "run.json" not in message and len(message) < 400
     assert sorted(p.name for p in out.iterdir()) == ["run.json"]
 
