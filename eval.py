@@ -33,7 +33,7 @@ from machinery import runs  # noqa: E402
 from data import DataError, extract_answer, generate_prompt, is_correct, load_task, tokenizer_for  # noqa: E402
 from machinery.memory import NotEnoughMemory  # noqa: E402
 from machinery.checkpoints import check_window, load_model, model_config  # noqa: E402
-from model import CheckpointError  # noqa: E402
+from model import CheckpointError, Transformer  # noqa: E402
 from machinery.quantize import QUANTIZE_KINDS  # noqa: E402
 from machinery.runs import RunError  # noqa: E402
 
@@ -146,6 +146,9 @@ def plan(s):
     # the adapter's own folder unless another model or folder is given
     checkpoint_dir = s.checkpoint_dir or (info.get("checkpoint_dir") if not s.model else "") or None
     config, folder = model_config(model_name, checkpoint_dir)  # reads params.json / config.json only
+    if s.adapter and not s.base:  # the adapter against the base first, on a model of no weights
+        with torch.device("meta"):
+            adapters.check_base(Transformer(config), s.adapter)
     default_out = os.path.join(os.path.dirname(os.path.abspath(s.adapter)) if s.adapter else "out",
                                f"eval-{task_name}" + ("-base" if s.base else ""))
     out_dir = s.out_dir or default_out

@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 
 from model import PRESETS, RANDOM_PRESETS, SHAPE_FIELDS, CheckpointError, ModelConfig, Transformer
+from machinery import checks
+from machinery.checks import rule
 from machinery.quantize import QUANTIZE_KINDS, Quantizer, quantize_model
 
 
@@ -177,6 +179,54 @@ _META_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multi
                 "norm_eps", "rope_theta", "max_seq_len", "max_batch_size", "use_scaled_rope"}
 
 
+# Types and ranges of the fields read, checked before a model is built or a folder made. The
+# bounds are far past every released model (widths to 2^16, 1,024 layers, 2^21 tokens of context)
+# and keep a damaged file from building a model that hangs or a width that divides by zero.
+_WIDTH, _LAYERS, _VOCAB, _CONTEXT = 1 << 16, 1024, 1 << 22, 1 << 21
+_EPS = rule(float, low=1e-12, high=0.1)
+_THETA, _ID = rule(float, low=1, high=1e12), rule(int, low=0, high=_VOCAB, none_ok=True)
+_EOS = rule(int, list, low=0, high=_VOCAB, none_ok=True)  # a list's ids are checked below
+
+
+def _count(high, none_ok=False, low=1):
+    return rule(int, low=low, high=high, none_ok=none_ok)
+
+
+_META_RULES = {"dim": _count(_WIDTH), "n_layers": _count(_LAYERS), "n_heads": _count(_WIDTH),
+               "n_kv_heads": _count(_WIDTH, none_ok=True), "vocab_size": _count(_VOCAB, low=-1),
+               "multiple_of": _count(_WIDTH), "norm_eps": _EPS, "rope_theta": _THETA,
+               "ffn_dim_multiplier": rule(float, low=0.01, high=100, none_ok=True),
+               "max_seq_len": _count(_CONTEXT), "max_batch_size": rule(int, low=1),
+               "use_scaled_rope": rule(bool, none_ok=True)}
+_HF_RULES = {
+    "llama": {"hidden_size": _count(_WIDTH), "num_hidden_layers": _count(_LAYERS),
+              "num_attention_heads": _count(_WIDTH), "num_key_value_heads": _count(_WIDTH, True),
+              "intermediate_size": _count(16 * _WIDTH), "vocab_size": _count(_VOCAB),
+              "rms_norm_eps": _EPS, "rope_theta": _THETA,
+              "max_position_embeddings": _count(_CONTEXT),
+              "bos_token_id": _ID, "eos_token_id": _EOS, "head_dim": _count(_WIDTH, True)},
+    "gptj": {"n_embd": _count(_WIDTH), "n_layer": _count(_LAYERS), "n_head": _count(_WIDTH),
+             "n_inner": _count(16 * _WIDTH, True), "rotary_dim": _count(_WIDTH, True, low=2),
+             "vocab_size": _count(_VOCAB), "layer_norm_epsilon": _EPS,
+             "n_positions": _count(_CONTEXT),
+             "bos_token_id": _ID, "eos_token_id": _EOS},
+}
+# Mistral and Qwen2 read LLaMA's fields; Mistral's window is a count of tokens
+_HF_RULES["mistral"] = {**_HF_RULES["llama"], "sliding_window": _count(_CONTEXT, True)}
+_HF_RULES["qwen2"] = _HF_RULES["llama"]
+_CONFIG_ADVICE = "repair the file or download it again"
+
+
+def _check_heads(path, dim, n_head, n_kv_heads, names):
+    """Heads must split the width, and key/value heads the heads (grouped-query attention)."""
+    if dim % n_head:
+        raise CheckpointError(f"{path}: {names[0]} {dim} is not a multiple of {names[1]} {n_head}: "
+                              f"{_CONFIG_ADVICE}")
+    if n_kv_heads and (n_kv_heads > n_head or n_head % n_kv_heads):
+        raise CheckpointError(f"{path}: {names[1]} {n_head} is not a multiple of {names[2]} "
+                              f"{n_kv_heads}: {_CONFIG_ADVICE}")
+
+
 def _meta_shard_files(folder):
     files = sorted(folder.glob("consolidated.*.pth"))
     if not files:
@@ -196,9 +246,9 @@ def _meta_config(folder):
     if unknown:
         raise CheckpointError(f"{path}: {unknown[0]} = {json.dumps(params[unknown[0]])} is a field this loader "
                               "does not know, so it cannot promise to run the model exactly")
-    if params.get("use_scaled_rope") not in (None, True, False):
-        raise CheckpointError(f"{path}: use_scaled_rope = {json.dumps(params['use_scaled_rope'])}, "
-                              "expected true or false")
+    checks.check_fields(path, params, _META_RULES, CheckpointError, _CONFIG_ADVICE)
+    _check_heads(path, _positive_int(params, "dim", path), _positive_int(params, "n_heads", path),
+                 params.get("n_kv_heads"), ("dim", "n_heads", "n_kv_heads"))
     # Meta's FFN width: 2/3 of 4*dim, times an optional multiplier, rounded up to multiple_of
     dim = _positive_int(params, "dim", path)
     ffn_dim = int(2 * 4 * dim / 3)
@@ -294,6 +344,15 @@ def _hf_config(folder):
                               "expected one "
                               f"of {', '.join(_HF_TYPES)}")
     name = {"llama": "LLaMA", "mistral": "Mistral", "qwen2": "Qwen2", "gptj": "GPT-J"}[kind]
+
+    checks.check_fields(path, hf, _HF_RULES[kind], CheckpointError, _CONFIG_ADVICE)
+    if kind != "gptj":
+        names = ("hidden_size", "num_attention_heads", "num_key_value_heads")
+        _check_heads(path, _positive_int(hf, names[0], path), _positive_int(hf, names[1], path),
+                     hf.get(names[2]), names)
+    else:
+        _check_heads(path, _positive_int(hf, "n_embd", path), _positive_int(hf, "n_head", path),
+                     None, ("n_embd", "n_head", ""))
 
     def refuse(field, why):
         raise CheckpointError(f"{path}: {field} = {json.dumps(hf[field])} is not supported "

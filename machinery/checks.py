@@ -1,0 +1,159 @@
+"""Every file the tools read is checked here, at the door, before anything is built or written.
+
+A parsed file (JSON, a torch payload of plain data) is held against a table of rules, one per
+field: the types it may have, its range, its allowed values, whether it must be there. A file
+that breaks a rule gives one line naming the file, the field, what was expected, what was
+found and what to do, raised as the error class of the caller (AdapterError, CheckpointError,
+...), so each command's existing one-line handling applies unchanged.
+"""
+import math
+from dataclasses import fields
+from typing import NamedTuple
+
+import torch
+
+ADAPTER_VERSIONS = (1, 2)  # the adapter file versions this code reads
+
+
+class Rule(NamedTuple):
+    """What one field may hold. types: a tuple of Python types (int also passes for float;
+    bool never passes for int). low/high: inclusive bounds for numbers. choices: allowed values."""
+    types: tuple
+    low: float = None
+    high: float = None
+    choices: tuple = None
+    required: bool = False
+    none_ok: bool = False
+
+
+def rule(*types, low=None, high=None, choices=None, required=False, none_ok=False):
+    return Rule(types, low, high, choices, required, none_ok)
+
+
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               dict: "a JSON object", list: "a list", tuple: "a list"}
+
+
+def found(value):
+    """A value as the message shows it: short, with its type where the type is the problem."""
+    text = repr(value)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _type_ok(value, types):
+    if isinstance(value, bool):
+        return bool in types
+    if isinstance(value, int) and float in types:
+        return True
+    return isinstance(value, tuple(t for t in types if t is not bool))
+
+
+def check_value(where, name, value, r, error, advice):
+    """Raise `error` when `value` (the field `name` of the file `where`) breaks the rule `r`."""
+    if value is None and r.none_ok:
+        return
+    expected = " or ".join(_TYPE_WORDS.get(t, t.__name__) for t in r.types)
+    if not _type_ok(value, r.types):
+        raise error(f"{where}: {name} is {found(value)}, expected {expected}: {advice}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise error(f"{where}: {name} is {value}, expected a finite number: {advice}")
+    if r.choices is not None and value not in r.choices:
+        allowed = ", ".join(map(repr, r.choices))
+        raise error(f"{where}: {name} is {value!r}, expected one of {allowed}: {advice}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if (r.low is not None and value < r.low) or (r.high is not None and value > r.high):
+            span = (f"from {r.low} to {r.high}" if r.low is not None and r.high is not None
+                    else f"at least {r.low}" if r.low is not None else f"at most {r.high}")
+            raise error(f"{where}: {name} is {value!r}, expected {expected} {span}: {advice}")
+
+
+def check_fields(where, record, rules, error, advice, unknown_ok=True, prefix=""):
+    """Check the dict `record` (a file's settings) field by field against `rules` {field: Rule}.
+
+    Fields absent from `rules` are refused unless unknown_ok (a Hugging Face config.json holds
+    many fields no loader reads; our own files hold only what we wrote)."""
+    if not isinstance(record, dict):
+        what = prefix.rstrip(".") or "the file"
+        raise error(f"{where}: {what} is {found(record)}, expected a JSON object: {advice}")
+    if not unknown_ok:
+        unknown = sorted(str(k) for k in record if k not in rules)
+        if unknown:
+            raise error(f"{where}: {prefix}{unknown[0]} is a field this version does not know "
+                        f"(it knows {', '.join(rules)}): {advice}")
+    for name, r in rules.items():
+        if name not in record:
+            if r.required:
+                raise error(f"{where}: the field {prefix}{name} is missing: {advice}")
+            continue
+        check_value(where, prefix + name, record[name], r, error, advice)
+
+
+def depth(value, limit):
+    """Raise ValueError when nested lists/dicts in `value` go deeper than `limit` (iterative: a
+    deep file must not reach Python's recursion limit)."""
+    stack = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if level > limit:
+            raise ValueError(f"nested deeper than {limit} levels")
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, level + 1) for v in item)
+
+
+# ----------------------------------------------------------------------------- adapter files
+
+def dataclass_rules(cls):
+    """Rules for a config dataclass as saved by asdict: each field of its annotated type (a tuple
+    may come back as a list; a field whose default is None may be None)."""
+    kinds = {"int": (int,), "float": (float,), "str": (str,), "bool": (bool,),
+             "tuple": (tuple, list)}
+    rules = {}
+    for f in fields(cls):
+        annotation = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        types = kinds.get(annotation, (object,))
+        rules[f.name] = Rule(types, none_ok=f.default is None)
+    return rules
+
+
+def check_adapter_payload(path, payload, config_classes, error):
+    """An adapter file's payload (any method), checked before anything of it is used.
+
+    config_classes: {method: config dataclass}. The tensors must be floating point: an integer
+    or complex tensor copied into a parameter would be cast silently."""
+    advice = "the file is damaged or not made by this project's train.py: train it again"
+    check_fields(path, payload, {
+        "format": rule(str, choices=("interlora-adapter",), required=True),
+        "version": rule(int, required=True, choices=ADAPTER_VERSIONS),
+        "method": rule(str, choices=tuple(config_classes)),
+        "config": rule(dict, required=True), "info": rule(dict, required=True),
+        "base": rule(dict, required=True), "tensors": rule(dict, required=True),
+    }, error, f"this version reads adapter versions {', '.join(map(str, ADAPTER_VERSIONS))}; "
+              "train it again", unknown_ok=False)
+    if payload["version"] >= 2 and "method" not in payload:
+        raise error(f"{path}: the field method is missing (a version-2 file names its method): "
+                    f"{advice}")
+    method = payload.get("method") or payload["config"].get("method", "interlora")
+    if method not in config_classes:
+        raise error(f"{path}: config.method is {method!r}, expected one of "
+                    f"{', '.join(config_classes)}: {advice}")
+    check_fields(path, payload["config"], dataclass_rules(config_classes[method]), error, advice,
+                 unknown_ok=False, prefix="config.")
+    base_rules = {"class": rule(str, required=True), "family": rule(str, none_ok=True),
+                  "shapes": rule(dict, required=True)}
+    check_fields(path, payload["base"], base_rules, error, advice, prefix="base.")
+    for key in ("model", "task"):
+        if key in payload["info"]:
+            check_value(path, f"info.{key}", payload["info"][key], rule(str, none_ok=True), error,
+                        advice)
+    if "steps" in payload["info"]:
+        check_value(path, "info.steps", payload["info"]["steps"], rule(int, low=0), error, advice)
+    for name, tensor in payload["tensors"].items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise error(f"{path}: tensors[{name!r}] is {type(tensor).__name__}, expected a tensor: "
+                        f"{advice}")
+        if not tensor.is_floating_point():
+            raise error(f"{path}: tensor {name} is {tensor.dtype}, expected floating point "
+                        f"(float32, bfloat16, float16): {advice}")
