@@ -6,13 +6,22 @@ that breaks a rule gives one line naming the file, the field, what was expected,
 found and what to do, raised as the error class of the caller (AdapterError, CheckpointError,
 ...), so each command's existing one-line handling applies unchanged.
 """
+import json
 import math
+import re
 from dataclasses import fields
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 ADAPTER_VERSIONS = (1, 2)  # the adapter file versions this code reads
+# Deeper JSON is no file of ours or of a model's (tokenizer.json nests 5 levels): json.loads
+# would recurse until Python's recursion limit and fail with a RecursionError
+MAX_JSON_DEPTH = 64
+# A code point from U+D800 to U+DFFF left alone: JSON's "\ud800" parses to it, and it can never
+# be encoded to UTF-8 (a pair that makes one character parses to that character)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Rule(NamedTuple):
@@ -56,6 +65,8 @@ def check_value(where, name, value, r, error, advice):
     expected = " or ".join(_TYPE_WORDS.get(t, t.__name__) for t in r.types)
     if not _type_ok(value, r.types):
         raise error(f"{where}: {name} is {found(value)}, expected {expected}: {advice}")
+    if isinstance(value, str):
+        check_text(where, name, value, error, advice)
     if isinstance(value, float) and not math.isfinite(value):
         raise error(f"{where}: {name} is {value}, expected a finite number: {advice}")
     if r.choices is not None and value not in r.choices:
@@ -87,6 +98,63 @@ def check_fields(where, record, rules, error, advice, unknown_ok=True, prefix=""
                 raise error(f"{where}: the field {prefix}{name} is missing: {advice}")
             continue
         check_value(where, prefix + name, record[name], r, error, advice)
+
+
+def check_text(where, name, text, error, advice):
+    """Refuse a string that holds a lone surrogate: no tokenizer can encode it (UTF-8 has none)."""
+    bad = _LONE_SURROGATE.search(text)
+    if bad:
+        raise error(f"{where}: {name} holds a lone surrogate U+{ord(bad.group()):04X} at character "
+                    f"{bad.start()}, which is no Unicode text (a half of an escaped pair?): {advice}")
+
+
+def check_mapping(where, name, value, key_rule, value_rule, error, advice):
+    """A dict whose every key and value keeps its rule (vocab.json's {token: id})."""
+    if not isinstance(value, dict):
+        raise error(f"{where}: {name} is {found(value)}, expected a JSON object: {advice}")
+    for key, item in value.items():
+        check_value(where, f"{name} key", key, key_rule, error, advice)
+        check_value(where, f"{name}[{key!r}]", item, value_rule, error, advice)
+
+
+def check_list(where, name, value, item_rule, error, advice):
+    """A list whose every item keeps its rule."""
+    if not isinstance(value, list):
+        raise error(f"{where}: {name} is {found(value)}, expected a list: {advice}")
+    for index, item in enumerate(value):
+        check_value(where, f"{name}[{index}]", item, item_rule, error, advice)
+
+
+def load_json(path, error, advice, expect=dict):
+    """A JSON file parsed and held to MAX_JSON_DEPTH, its top level of type `expect`; unreadable,
+    not UTF-8, no JSON or nested too deep is one `error` line ending in `advice`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path} not found: {advice}") from None
+    except PermissionError:
+        raise error(f"cannot read {path}: permission denied") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}): {advice}") from None
+    return parse_json(text, path, error, advice, expect)
+
+
+def parse_json(text, where, error, advice, expect=dict):
+    """load_json for text already read (a .safetensors header)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise error(f"{where}: JSON nested deeper than Python can parse: {advice}") from None
+    except ValueError as e:  # json's JSONDecodeError is a ValueError
+        raise error(f"{where} is not valid JSON ({e}): {advice}") from None
+    try:
+        depth(value, MAX_JSON_DEPTH)
+    except ValueError as e:
+        raise error(f"{where}: {e}, expected a flat file: {advice}") from None
+    if expect is not None and not isinstance(value, expect):
+        raise error(f"{where}: the file is {found(value)}, expected "
+                    f"{_TYPE_WORDS.get(expect, expect.__name__)}: {advice}")
+    return value
 
 
 def depth(value, limit):

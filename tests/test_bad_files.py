@@ -156,3 +156,218 @@ def test_a_bad_model_config_is_one_line_before_anything_is_made(tmp_path, capsys
                                           shared_path("llm-adapters"), "--out_dir", out], capsys)
     assert str(folder / name) in message and all(f in message for f in fragments), message
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- tokenizer files
+
+@pytest.fixture(scope="module")
+def small_llama(tmp_path_factory):
+    """config.json + model.safetensors of a tiny LLaMA (vocab 300), copied into each case's folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    folder = tmp_path_factory.mktemp("small-llama")
+    LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=1, num_attention_heads=2,
+                                 tie_word_embeddings=False)).save_pretrained(folder)
+    return folder
+
+
+def byte_bpe():
+    """A byte-level BPE as GPT-2 writes it: the 256 byte symbols, three merges, <|endoftext|>."""
+    from data import bytes_to_unicode
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    merges = ["Ġ t", "h e", "Ġt he"]
+    for merge in merges:
+        vocab["".join(merge.split(" "))] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return vocab, merges
+
+
+def write_vocab_merges(folder, vocab=None, merges=None):
+    good_vocab, good_merges = byte_bpe()
+    vocab = good_vocab if vocab is None else vocab
+    (folder / "vocab.json").write_text(vocab if isinstance(vocab, str) else json.dumps(vocab))
+    lines = "\n".join(["#version: 0.2", *(good_merges if merges is None else merges)]) + "\n"
+    (folder / "merges.txt").write_text(lines, encoding="utf-8", errors="surrogatepass")
+
+
+def tokenizer_json(**changes):
+    """GPT-2's tokenizer.json layout over byte_bpe(), with `changes` to its parts."""
+    vocab, merges = byte_bpe()
+    spec = {"version": "1.0", "truncation": None, "padding": None,
+            "added_tokens": [{"id": vocab["<|endoftext|>"], "content": "<|endoftext|>",
+                              "single_word": False, "lstrip": False, "rstrip": False,
+                              "normalized": True, "special": True}],
+            "normalizer": None,
+            "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False,
+                              "trim_offsets": True, "use_regex": True},
+            "post_processor": None,
+            "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                        "use_regex": True},
+            "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                      "continuing_subword_prefix": "", "end_of_word_suffix": "",
+                      "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                      "vocab": vocab, "merges": [m.split(" ") for m in merges]}}
+    for path, value in changes.items():  # "model.vocab" -> spec["model"]["vocab"]
+        *parents, last = path.split(".")
+        target = spec
+        for key in parents:
+            target = target[key]
+        target[last] = value
+    return spec
+
+
+def write_tokenizer_json(folder, spec):
+    (folder / "tokenizer.json").write_text(spec if isinstance(spec, str) else json.dumps(spec))
+
+
+def tiktoken_lines(extra=()):
+    """Meta's tiktoken text: each of the 256 bytes and two merges, 'base64 rank' per line."""
+    import base64
+    tokens = [bytes([b]) for b in range(256)] + [b" t", b"he"]
+    return [f"{base64.b64encode(t).decode()} {i}" for i, t in enumerate(tokens)] + list(extra)
+
+
+def write_model_file(folder, data):
+    (folder / "tokenizer.model").write_bytes(data if isinstance(data, bytes)
+                                             else ("\n".join(data) + "\n").encode())
+
+
+BAD_TOKENIZERS = {  # how the tokenizer files are written -> pieces of the one error line
+    "tokenizer.model of random bytes": (lambda f: write_model_file(f, bytes(range(256)) * 8),
+                                        "tokenizer.model", ["expected a sentencepiece model"]),
+    "tokenizer.model empty": (lambda f: write_model_file(f, b""), "tokenizer.model",
+                              ["found neither", "unk is not defined"]),
+    "tiktoken line not base64": (lambda f: write_model_file(f, tiktoken_lines(["@@@@ 258"])),
+                                 "tokenizer.model:259", ["expected 'base64-token rank' lines"]),
+    "tiktoken line without a rank": (lambda f: write_model_file(f, tiktoken_lines(["aGk="])),
+                                     "tokenizer.model:259", ["found b'aGk='"]),
+    "tiktoken rank skipped": (lambda f: write_model_file(f, tiktoken_lines(["aGk= 300"])),
+                              "tokenizer.model:259", ["expected a new token of rank 258",
+                                                      "rank 300"]),
+    "tiktoken token twice": (lambda f: write_model_file(f, tiktoken_lines(["aGU= 258"])),
+                             "tokenizer.model:259", ["a token given twice"]),
+    "tiktoken bytes missing": (lambda f: write_model_file(f, tiktoken_lines()[:200]),
+                               "tokenizer.model", ["a rank for each of the 256 bytes"]),
+    "merges line of three symbols": (lambda f: write_vocab_merges(f, merges=["Ġ t", "h e x"]),
+                                     "merges.txt", ["line 3: expected two symbols",
+                                                    "'h e x'"]),
+    "merges line of one symbol": (lambda f: write_vocab_merges(f, merges=["Ġt"]),
+                                  "merges.txt", ["line 2: expected two symbols"]),
+    "merges line with a lone surrogate": (lambda f: write_vocab_merges(f, merges=["\udc80 t"]),
+                                          "merges.txt", ["not UTF-8"]),
+    "vocab.json a list": (lambda f: write_vocab_merges(f, vocab=["a", "b"]), "vocab.json",
+                          ["is ['a', 'b'] (list)", "expected a JSON object"]),
+    "vocab.json id a string": (lambda f: write_vocab_merges(f, vocab={**byte_bpe()[0], "x": "7"}),
+                               "vocab.json", ["vocab['x'] is '7' (str)", "expected an integer"]),
+    "vocab.json id negative": (lambda f: write_vocab_merges(f, vocab={**byte_bpe()[0], "x": -1}),
+                               "vocab.json", ["vocab['x'] is -1"]),
+    "vocab.json id a float": (lambda f: write_vocab_merges(f, vocab={**byte_bpe()[0], "x": 9.5}),
+                              "vocab.json", ["vocab['x'] is 9.5"]),
+    "vocab.json id given twice": (lambda f: write_vocab_merges(f, vocab={**byte_bpe()[0], "x": 0}),
+                                  "vocab.json", ["both have id 0"]),
+    "vocab.json no JSON": (lambda f: write_vocab_merges(f, vocab='{"a": 1'), "vocab.json",
+                           ["is not valid JSON"]),
+    "vocab.json nested deep": (lambda f: write_vocab_merges(f, vocab="[" * 100000 + "]" * 100000),
+                               "vocab.json", ["nested deeper"]),
+    "tokenizer.json a list": (lambda f: write_tokenizer_json(f, [1]), "tokenizer.json",
+                              ["the file is [1] (list)"]),
+    "tokenizer.json model a string": (lambda f: write_tokenizer_json(f, tokenizer_json(model="BPE")),
+                                      "tokenizer.json", ["model is 'BPE' (str)"]),
+    "tokenizer.json no vocab": (lambda f: write_tokenizer_json(f, {**tokenizer_json(), "model": {
+        k: v for k, v in tokenizer_json()["model"].items() if k != "vocab"}}),
+        "tokenizer.json", ["model.vocab is missing"]),
+    "tokenizer.json vocab a list": (lambda f: write_tokenizer_json(
+        f, tokenizer_json(**{"model.vocab": ["a"]})), "tokenizer.json", ["model.vocab is ['a']"]),
+    "tokenizer.json id a string": (lambda f: write_tokenizer_json(
+        f, tokenizer_json(**{"model.vocab": {**byte_bpe()[0], "x": "1"}})), "tokenizer.json",
+        ["model.vocab['x'] is '1' (str)"]),
+    "tokenizer.json merges a dict": (lambda f: write_tokenizer_json(
+        f, tokenizer_json(**{"model.merges": {"a": "b"}})), "tokenizer.json",
+        ["model.merges is {'a': 'b'} (dict)", "expected a list"]),
+    "tokenizer.json merge of three": (lambda f: write_tokenizer_json(
+        f, tokenizer_json(**{"model.merges": [["Ġ", "t", "x"]]})), "tokenizer.json",
+        ["model.merges[0] is ['Ġ', 't', 'x']", "two symbols"]),
+    "tokenizer.json merge a number": (lambda f: write_tokenizer_json(
+        f, tokenizer_json(**{"model.merges": [7]})), "tokenizer.json", ["model.merges[0] is 7"]),
+    "tokenizer.json added token without id": (lambda f: write_tokenizer_json(
+        f, tokenizer_json(added_tokens=[{"content": "<|endoftext|>"}])), "tokenizer.json",
+        ["added_tokens[0].id is missing"]),
+    "tokenizer.json pre_tokenizer a list": (lambda f: write_tokenizer_json(
+        f, tokenizer_json(pre_tokenizer=["ByteLevel"])), "tokenizer.json",
+        ["pre_tokenizer is ['ByteLevel'] (list)"]),
+    "tokenizer.json use_regex a string": (lambda f: write_tokenizer_json(
+        f, tokenizer_json(**{"pre_tokenizer.use_regex": "yes"})), "tokenizer.json",
+        ["pre_tokenizer.use_regex is 'yes' (str)"]),
+}
+
+
+@pytest.mark.parametrize("damage", list(BAD_TOKENIZERS))
+def test_a_bad_tokenizer_file_is_one_line_and_leaves_nothing(small_llama, trained, tmp_path, capsys,
+                                                              damage):
+    make, name, fragments = BAD_TOKENIZERS[damage]
+    folder = tmp_path / "model"
+    shutil.copytree(small_llama, folder)
+    make(folder)
+    out = tmp_path / "out"
+    message = stopped(train_script.main, ["--model", folder, "--task", "math", "--max_steps", "1",
+                                          "--data_dir", trained[1], "--out_dir", out], capsys)
+    assert str(folder / name) in message and all(f in message for f in fragments), message
+    assert not out.exists()
+
+
+def test_the_untouched_tokenizer_files_load_and_match_the_reference(tmp_path):
+    """The files the cases above damage are good as written: the same ids as `tokenizers` and
+    tiktoken give (so each case fails by its damage)."""
+    import tiktoken
+    from tokenizers import Tokenizer
+    import data
+    text = "the tea\nhe hit the t"
+    write_vocab_merges(tmp_path)
+    (tmp_path / "j").mkdir()
+    write_tokenizer_json(tmp_path / "j", tokenizer_json())
+    reference = Tokenizer.from_file(str(tmp_path / "j" / "tokenizer.json")).encode(text).ids
+    assert data.load_tokenizer(tmp_path).encode(text) == reference
+    assert data.load_tokenizer(tmp_path / "j").encode(text) == reference
+    (tmp_path / "t").mkdir()
+    write_model_file(tmp_path / "t", tiktoken_lines())
+    ranks = {bytes([b]): b for b in range(256)} | {b" t": 256, b"he": 257}
+    enc = tiktoken.Encoding("t", pat_str=data.LLAMA3_PATTERN, mergeable_ranks=ranks,
+                            special_tokens={})
+    assert data.load_tokenizer(tmp_path / "t").encode(text, bos=False) == enc.encode(text)
+
+
+# ----------------------------------------------------------------------------- data items
+
+ITEM = {"instruction": "What is 2 + 2?", "input": "", "output": "4", "answer": "4"}
+BAD_ITEMS = {  # the damaged item (placed second in the file) -> pieces of the one error line
+    "instruction a list": ({**ITEM, "instruction": ["a"]}, ["instruction is ['a'] (list)",
+                                                            "expected a string"]),
+    "output a number": ({**ITEM, "output": 4}, ["output is 4 (int)"]),
+    "answer null": ({**ITEM, "answer": None}, ["answer is None (NoneType)"]),
+    "answer missing": ({k: v for k, v in ITEM.items() if k != "answer"}, ["answer is missing"]),
+    "another field a list": ({**ITEM, "source": [1, 2]}, ["source is [1, 2] (list)"]),
+    "another field a dict": ({**ITEM, "meta": {"a": 1}}, ["meta is {'a': 1} (dict)"]),
+    "a lone surrogate": ({**ITEM, "instruction": "x\ud800y"}, ["instruction holds a lone "
+                                                               "surrogate U+D800 at character 1"]),
+    "a lone low surrogate in input": ({**ITEM, "input": "\udc00"}, ["input holds a lone surrogate"]),
+    "the item a list": (["What is 2 + 2?", "4"], ["item 1: expected a dict, found list"]),
+}
+
+
+@pytest.mark.parametrize("damage", list(BAD_ITEMS))
+@pytest.mark.parametrize("command", ["train", "eval"])
+def test_a_bad_data_item_names_its_file_and_index(trained, tmp_path, capsys, damage, command):
+    bad, fragments = BAD_ITEMS[damage]
+    data = tmp_path / "data"
+    shutil.copytree(trained[1], data)
+    name = "ft-training_set/math_data.json" if command == "train" else "dataset/SVAMP/test.json"
+    items = json.loads((data / name).read_text())
+    items[1] = bad
+    (data / name).write_text(json.dumps(items))  # ensure_ascii: a surrogate is written \ud800
+    out = tmp_path / "out"
+    argv = ([*SHORT, "--data_dir", data, "--out_dir", out] if command == "train" else
+            ["--base", "--model", "tiny", "--task", "math", "--data_dir", data, "--out_dir", out])
+    message = stopped(train_script.main if command == "train" else evaluate_script.main, argv,
+                      capsys)
+    assert f"{data / name}: item 1" in message and all(f in message for f in fragments), message
+    assert not out.exists()
