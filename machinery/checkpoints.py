@@ -69,47 +69,107 @@ class StoredTensor(NamedTuple):
         return buffer.view(self.dtype).as_strided(self.shape, self.stride)
 
 
+# The safetensors library's rules for a header (safetensors 0.8, what transformers reads with):
+# at most 100 MB of header; a JSON object of {name: {dtype, shape, data_offsets}} and an optional
+# "__metadata__" of {str: str}; shapes and offsets whole numbers; each tensor's bytes exactly
+# its shape's, and the tensors in offset order covering the data from its first byte to its last
+# with no overlap and no gap ("invalid offset" otherwise).
+SAFETENSORS_MAX_HEADER = 100_000_000
+# dtypes the library knows that model.py's loader does not read (8-bit floats and smaller,
+# unsigned above 8 bits, complex)
+_SAFETENSORS_UNREAD = ("F4", "F6_E2M3", "F6_E3M2", "F8_E5M2", "F8_E4M3", "F8_E8M0", "U16", "U32",
+                       "U64", "C64")
+_SAFETENSORS_ADVICE = "the file is corrupt or not made by a safetensors writer; download it again"
+_TENSOR_ENTRY = {"dtype": rule(str, required=True), "shape": rule(list, required=True),
+                 "data_offsets": rule(list, required=True)}
+
+
+def read_safetensors_header(path):
+    """(header {name: entry}, where the data begins) of a .safetensors file, every rule above
+    checked; a CheckpointError names the first broken one. Reads the header only."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is not a valid .safetensors file ({size} bytes, expected "
+                                  f"an 8-byte header length first): {_SAFETENSORS_ADVICE}")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, SAFETENSORS_MAX_HEADER):
+            what = (f"more than {SAFETENSORS_MAX_HEADER:,}" if header_len > SAFETENSORS_MAX_HEADER
+                    else f"past the end of a {size}-byte file")
+            raise CheckpointError(f"{path} is not a valid .safetensors file (a header of "
+                                  f"{header_len:,} bytes, {what}): it may be truncated; "
+                                  "download it again")
+        raw = f.read(header_len)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: the header is not UTF-8 ({e.reason} at byte {8 + e.start})"
+                              f": {_SAFETENSORS_ADVICE}") from None
+    header = checks.parse_json(text, f"{path}: the header", CheckpointError, _SAFETENSORS_ADVICE)
+    data_start, entries = 8 + header_len, []
+    for name, info in header.items():
+        if name == "__metadata__":
+            checks.check_mapping(path, "__metadata__", info, rule(str), rule(str),
+                                 CheckpointError, _SAFETENSORS_ADVICE)
+            continue
+        where = f"{path}: tensor {name}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: its header entry is {checks.found(info)}, expected "
+                                  f"{{dtype, shape, data_offsets}}: {_SAFETENSORS_ADVICE}")
+        checks.check_fields(where, info, _TENSOR_ENTRY, CheckpointError, _SAFETENSORS_ADVICE)
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in _SAFETENSORS_DTYPES:
+            known = ", ".join(_SAFETENSORS_DTYPES)
+            why = ("a safetensors type this loader does not read" if dtype in _SAFETENSORS_UNREAD
+                   else "no safetensors type")
+            raise CheckpointError(f"{where}: dtype {dtype!r} is {why} (expected one of {known}):"
+                                  " use the model's original fp32/fp16/bf16 weights")
+        whole = rule(int, low=0, high=1 << 62)
+        checks.check_list(where, "shape", shape, whole, CheckpointError, _SAFETENSORS_ADVICE)
+        checks.check_list(where, "data_offsets", offsets, whole, CheckpointError,
+                          _SAFETENSORS_ADVICE)
+        if len(offsets) != 2 or offsets[0] > offsets[1]:
+            raise CheckpointError(f"{where}: data_offsets is {offsets}, expected [begin, end] with "
+                                  f"begin <= end: {_SAFETENSORS_ADVICE}")
+        begin, end = offsets
+        nbytes = math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize
+        if end - begin != nbytes:
+            raise CheckpointError(f"{where} is {dtype} {shape} ({nbytes} bytes) but its "
+                                  f"data_offsets [{begin}, {end}] hold {end - begin}: "
+                                  f"{_SAFETENSORS_ADVICE}")
+        entries.append((begin, end, name))
+    covered = 0  # the library's check: sorted by offsets, each tensor starts where the last ended
+    for begin, end, name in sorted(entries):
+        if begin != covered:
+            what = (f"overlaps the bytes before {covered}" if begin < covered
+                    else f"leaves bytes {covered} to {begin} to no tensor")
+            raise CheckpointError(f"{path}: invalid offset for tensor {name}: it begins at {begin} "
+                                  f"and {what}, expected tensors laid end to end: "
+                                  f"{_SAFETENSORS_ADVICE}")
+        covered = end
+    if data_start + covered > size:
+        raise CheckpointError(f"{path} is truncated: its tensors end at byte {data_start + covered} "
+                              f"of a {size}-byte file; download it again")
+    if data_start + covered < size:
+        raise CheckpointError(f"{path}: {size - data_start - covered} bytes after the last tensor "
+                              f"belong to none (the header covers {covered} of "
+                              f"{size - data_start}): {_SAFETENSORS_ADVICE}")
+    return header, data_start
+
+
 def index_safetensors(path):
     """{name: StoredTensor} of a .safetensors file: an 8-byte little-endian header length, a JSON
     header of {name: {dtype, shape, data_offsets}}, then the raw bytes. Reads the header only."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                raise ValueError(f"header of {header_len} bytes in a {size}-byte file")
-            header = json.loads(f.read(header_len))
-        if not isinstance(header, dict):
-            raise ValueError("the header is no JSON object")
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not a valid .safetensors file ({e}): it may be truncated; "
-                              "download it again") from None
-    data_start = 8 + header_len
+    header, data_start = read_safetensors_header(path)
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise CheckpointError(f"{path}: the header entry of {name} is not {{dtype, shape, data_offsets}}: "
-                                  "the file is corrupt; download it again")
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        dtype, shape, offsets = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-        if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(n, int) and n >= 0 for n in shape + offsets)):
-            raise CheckpointError(f"{path}: tensor {name} has shape {shape} and data_offsets {offsets}: expected "
-                                  "lists of non-negative integers; the file is corrupt, download it again")
-        begin, end = offsets
-        nbytes = math.prod(shape) * dtype.itemsize
-        if end - begin != nbytes:
-            raise CheckpointError(f"{path}: tensor {name} is {info['dtype']} {shape} ({nbytes} bytes) but its "
-                                  f"data_offsets [{begin}, {end}] hold {end - begin}: the file is corrupt; "
-                                  "download it again")
-        if data_start + end > size:
-            raise CheckpointError(f"{path} is truncated: tensor {name} ends at byte {data_start + end} "
-                                  f"of a {size}-byte file; download it again")
+        shape = info["shape"]
         stride = torch.empty(shape, device="meta").stride()  # row-major, as safetensors stores them
-        tensors[name] = StoredTensor(path, data_start + begin, dtype, tuple(shape), stride)
+        tensors[name] = StoredTensor(path, data_start + info["data_offsets"][0],
+                                     _SAFETENSORS_DTYPES[info["dtype"]], tuple(shape), stride)
     return tensors
 
 

@@ -4,6 +4,7 @@ in the output folder. Family by family: adapter files, params.json / config.json
 adapter was made for.
 """
 import json
+import os
 import shutil
 
 import pytest
@@ -371,3 +372,129 @@ def test_a_bad_data_item_names_its_file_and_index(trained, tmp_path, capsys, dam
                       capsys)
     assert f"{data / name}: item 1" in message and all(f in message for f in fragments), message
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- .safetensors headers
+
+def rewrite_safetensors(path, change=None, raw=None, data_change=None):
+    """model.safetensors with its header edited by change(header) (or replaced by the bytes
+    `raw`) and its data by data_change(data); the header length is written anew."""
+    blob = path.read_bytes()
+    size = int.from_bytes(blob[:8], "little")
+    header, data = json.loads(blob[8:8 + size]), blob[8 + size:]
+    if change:
+        change(header)
+    text = raw if raw is not None else json.dumps(header).encode()
+    data = data_change(data, header) if data_change else data
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def last_tensor(header):
+    return max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+
+
+def shift_last(header, by):
+    entry = header[last_tensor(header)]
+    entry["data_offsets"] = [n + by for n in entry["data_offsets"]]
+
+
+def same_size_as_another(header):
+    """The first tensor's offsets given to another of the same size: both point at one place."""
+    names = [k for k in header if k != "__metadata__"]
+    a = names[0]
+    b = next(n for n in names[1:] if header[n]["shape"] == header[a]["shape"]
+             and header[n]["dtype"] == header[a]["dtype"])
+    header[b]["data_offsets"] = list(header[a]["data_offsets"])
+
+
+def entry(header):
+    return header[next(k for k in header if k != "__metadata__")]
+
+
+BAD_HEADERS = {  # how model.safetensors is damaged -> (pieces of the one line, safetensors refuses)
+    "shorter than 8 bytes": (lambda p: p.write_bytes(b"\x01\x02"), ["expected an 8-byte header"],
+                             True),
+    "header length past the end": (lambda p: p.write_bytes((10 ** 7).to_bytes(8, "little") + b"{}"),
+                                   ["a header of 10,000,000 bytes, past the end"], True),
+    "header length over 100 MB": (lambda p: (p.write_bytes((200_000_000).to_bytes(8, "little")),
+                                             os.truncate(p, 300_000_000)),
+                                  ["more than 100,000,000"], True),
+    "header not UTF-8": (lambda p: rewrite_safetensors(p, raw=b'{"\xff": 1}'), ["not UTF-8"],
+                         True),
+    "header no JSON": (lambda p: rewrite_safetensors(p, raw=b'{"a": '), ["is not valid JSON"],
+                       True),
+    "header a list": (lambda p: rewrite_safetensors(p, raw=b"[1, 2]"),
+                      ["the header: the file is [1, 2] (list)"], True),
+    "nesting past Python's limit": (lambda p: rewrite_safetensors(
+        p, raw=b'{"__metadata__": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        ["nested deeper than Python can parse"], True),
+    "nesting of 100 levels": (lambda p: rewrite_safetensors(
+        p, raw=b'{"__metadata__": {"a": ' + b"[" * 100 + b"]" * 100 + b"}}"),
+        ["nested deeper than 64 levels"], True),
+    "metadata value a number": (lambda p: rewrite_safetensors(
+        p, lambda h: h.update(__metadata__={"format": 1})), ["__metadata__['format'] is 1 (int)"],
+        True),
+    "entry a number": (lambda p: rewrite_safetensors(p, lambda h: h.update(x=3)),
+                       ["tensor x: its header entry is 3 (int)"], True),
+    "entry without dtype": (lambda p: rewrite_safetensors(p, lambda h: entry(h).pop("dtype")),
+                            ["the field dtype is missing"], True),
+    "dtype unknown": (lambda p: rewrite_safetensors(p, lambda h: entry(h).update(dtype="F33")),
+                      ["dtype 'F33' is no safetensors type"], True),
+    "dtype fp8": (lambda p: rewrite_safetensors(p, lambda h: entry(h).update(dtype="F8_E4M3")),
+                  ["dtype 'F8_E4M3' is a safetensors type this loader does not read"], False),
+    "shape of floats": (lambda p: rewrite_safetensors(
+        p, lambda h: entry(h).update(shape=[float(n) for n in entry(h)["shape"]])),
+        ["shape[0] is", "(float), expected an integer"], True),
+    "shape negative": (lambda p: rewrite_safetensors(p, lambda h: entry(h).update(shape=[-1, 2])),
+                       ["shape[0] is -1"], True),
+    "shape a string": (lambda p: rewrite_safetensors(p, lambda h: entry(h).update(shape="32x32")),
+                       ["shape is '32x32' (str)"], True),
+    "offsets of three": (lambda p: rewrite_safetensors(
+        p, lambda h: entry(h)["data_offsets"].append(0)), ["expected [begin, end]"], True),
+    "offsets reversed": (lambda p: rewrite_safetensors(
+        p, lambda h: entry(h).update(data_offsets=entry(h)["data_offsets"][::-1])),
+        ["expected [begin, end] with begin <= end"], True),
+    "two tensors on the same bytes": (lambda p: rewrite_safetensors(p, same_size_as_another),
+                                      ["invalid offset for tensor", "overlaps"], True),
+    "the last tensor overlaps": (lambda p: rewrite_safetensors(
+        p, lambda h: shift_last(h, -4), data_change=lambda d, h: d[:-4]),
+        ["invalid offset for tensor", "overlaps the bytes before"], True),
+    "a gap before the last tensor": (lambda p: rewrite_safetensors(
+        p, lambda h: shift_last(h, 4), data_change=lambda d, h: d + bytes(4)),
+        ["invalid offset for tensor", "to no tensor"], True),
+    "bytes after the last tensor": (lambda p: rewrite_safetensors(
+        p, data_change=lambda d, h: d + bytes(8)), ["8 bytes after the last tensor"], True),
+}
+
+
+@pytest.mark.parametrize("damage", list(BAD_HEADERS))
+def test_a_bad_safetensors_header_is_one_line_as_the_library_would_refuse(
+        small_llama, trained, tmp_path, capsys, damage):
+    from safetensors.torch import load_file
+    make, fragments, library_refuses = BAD_HEADERS[damage]
+    folder = tmp_path / "model"
+    shutil.copytree(small_llama, folder)
+    shutil.copy(shared_path("spm-tokenizer", "tokenizer.model"), folder)
+    make(folder / "model.safetensors")
+    out = tmp_path / "out"
+    message = stopped(train_script.main, ["--model", folder, "--task", "math", "--max_steps", "1",
+                                          "--data_dir", trained[1], "--out_dir", out], capsys)
+    assert str(folder / "model.safetensors") in message, message
+    assert all(f in message for f in fragments), message
+    assert not out.exists()
+    if library_refuses:  # the reference reader refuses the same file
+        with pytest.raises(Exception):
+            load_file(folder / "model.safetensors")
+
+
+def test_the_rewritten_safetensors_file_is_good_unless_damaged(small_llama, tmp_path):
+    """rewrite_safetensors without a change gives a file both readers take, with equal tensors."""
+    from safetensors.torch import load_file
+    from machinery.checkpoints import index_safetensors
+    path = tmp_path / "model.safetensors"
+    shutil.copy(small_llama / "model.safetensors", path)
+    rewrite_safetensors(path, lambda h: None)
+    ours = {name: t.read() for name, t in index_safetensors(path).items()}
+    theirs = load_file(path)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours)
