@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from machinery import adapters  # noqa: E402
+from machinery import checks  # noqa: E402
 from machinery import distributed  # noqa: E402
 from machinery import memory  # noqa: E402
 from machinery import runs  # noqa: E402
@@ -162,6 +163,8 @@ def plan(s):
     tokenizer = tokenizer_for(folder)
     # the longest sequence a batch holds: the longest prompt and the answer
     seq_len = max((len(tokenizer.encode(p)) for p in prompts.values()), default=1) + max_new_tokens
+    checks.check_flags(s, config, RunError, prompt_len=seq_len - max_new_tokens,
+                       max_new_tokens=max_new_tokens)
     check_window(config, seq_len, f"the longest prompt + --max_new_tokens {max_new_tokens}")
     s.dtype, note = memory.plan(config, s.device, s.dtype, s.quantize or None, training=False,
                                 batch_size=min(s.batch_size, max(1, len(prompts))), seq_len=seq_len)

@@ -225,3 +225,61 @@ def check_adapter_payload(path, payload, config_classes, error):
         if not tensor.is_floating_point():
             raise error(f"{path}: tensor {name} is {tensor.dtype}, expected floating point "
                         f"(float32, bfloat16, float16): {advice}")
+
+
+# ----------------------------------------------------------------------------- flag ranges
+#
+# The one table of train.py's and eval.py's numeric flags: (lowest, highest), inclusive; None:
+# no bound. The lows are also in the settings' metadata, which --help shows (a test keeps the
+# two equal); the highs keep a typo from writing gigabytes or running for days, far past any
+# run of the paper (batch 16, 3 epochs, a few thousand steps). Bounds that depend on the model
+# are check_flags' below. --lr has no high: a diverging run is refused by the finite-number
+# guard (machinery/runs.py) at its first save, with the advice to lower it.
+_STEPS = 10_000_000
+FLAG_BOUNDS = {
+    # train.py
+    "r": (0, 4096), "alpha": (0, 1e6), "dropout": (0, 1), "lr": (0, None), "epochs": (1, 1000),
+    "micro_batch_size": (1, 65536), "grad_accum": (1, 65536), "warmup_steps": (0, _STEPS),
+    "cutoff_len": (2, 1 << 21), "max_grad_norm": (0, None), "seed": (0, (1 << 63) - 1),
+    "max_steps": (0, _STEPS), "save_every": (1, _STEPS), "gate_log_every": (0, _STEPS),
+    # eval.py
+    "limit": (0, _STEPS), "batch_size": (1, 65536), "max_new_tokens": (0, 1 << 21),
+}
+
+
+def check_flag_table(settings, error):
+    """Each numeric field of a settings dataclass against FLAG_BOUNDS (before any file is read)."""
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        if f.name not in FLAG_BOUNDS or isinstance(value, bool):
+            continue
+        low, high = FLAG_BOUNDS[f.name]
+        if (low is not None and value < low) or (high is not None and value > high):
+            span = f"at least {low}" if high is None else f"from {low} to {high:,}"
+            raise error(f"--{f.name} {value}: expected a value {span}")
+
+
+def check_flags(settings, config, error, cfg=None, prompt_len=None, max_new_tokens=None):
+    """The bounds that depend on the model, before anything is written: --r at most the width
+    of the narrowest layer it adapts (a rank past it adds parameters and no expressiveness),
+    --cutoff_len, and (eval.py) the longest prompt + max_new_tokens, within the model's context."""
+    r = getattr(cfg, "r", None)
+    if r:
+        kv_width = config.n_kv_heads * config.head_dim  # the k and v projections' outputs
+        width = min(config.dim, kv_width)
+        if r > width:
+            raise error(f"--r {r}: expected a rank at most {width}, the width of this model's "
+                        f"narrowest adapted layer (dim {config.dim}, k/v {kv_width}): a larger "
+                        "rank adds parameters, not rank")
+    context = config.max_seq_len
+    cutoff = getattr(settings, "cutoff_len", None)
+    if cutoff and cutoff > context:
+        raise error(f"--cutoff_len {cutoff}: expected at most {context}, the model's context "
+                    "(max_seq_len / max_position_embeddings): give a smaller one")
+    if prompt_len is not None and prompt_len + max_new_tokens > context:
+        room = context - prompt_len
+        advice = (f"give --max_new_tokens at most {room}" if room > 0
+                  else "the prompts alone are too long for this model")
+        raise error(f"the longest prompt ({prompt_len} tokens) + --max_new_tokens "
+                    f"{max_new_tokens} make {prompt_len + max_new_tokens} tokens, past the "
+                    f"model's context of {context}: {advice}")

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from machinery import checks
+
 
 class RunError(ValueError):
     """A bad setting, folder or file, or a failed write: the message is the one line the user sees."""
@@ -84,6 +86,7 @@ def settings_from_command_line(settings_class, description, argv=None):
                                   ("below", lambda v, b: v >= b, "below")):
             if key in bounds and fails(value, bounds[key]):
                 raise RunError(f"--{f.name} {value}: expected a value {words} {bounds[key]}")
+    checks.check_flag_table(settings, RunError)  # the highs (and lows) of machinery/checks.py
     return settings
 
 

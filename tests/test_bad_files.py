@@ -498,3 +498,92 @@ def test_the_rewritten_safetensors_file_is_good_unless_damaged(small_llama, tmp_
     theirs = load_file(path)
     assert ours.keys() == theirs.keys()
     assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+
+
+# ----------------------------------------------------------------------------- flag ranges
+
+BAD_TRAINING_FLAGS = {  # flags -> a piece of the one error line
+    "rank past the layer width": (["--r", "200"], "--r 200: expected a rank at most 128"),
+    "rank past the table": (["--r", "100000"], "--r 100000: expected a value from 0 to 4,096"),
+    "lora rank past the width": (["--method", "lora", "--r", "129"], "at most 128"),
+    "cutoff past the context": (["--cutoff_len", "2000"],
+                                "--cutoff_len 2000: expected at most 1024, the model's context"),
+    "cutoff past the table": (["--cutoff_len", "3000000"], "from 2 to 2,097,152"),
+    "micro-batch huge": (["--micro_batch_size", "100000"], "--micro_batch_size 100000"),
+    "grad_accum huge": (["--grad_accum", "1000000"], "--grad_accum 1000000"),
+    "epochs huge": (["--epochs", "5000"], "--epochs 5000: expected a value from 1 to 1,000"),
+    "max_steps huge": (["--max_steps", "100000000"], "--max_steps 100000000"),
+    "save_every huge": (["--save_every", "100000000"], "--save_every 100000000"),
+    "warmup huge": (["--warmup_steps", "100000000"], "--warmup_steps 100000000"),
+    "gate log huge": (["--gate_log_every", "100000000"], "--gate_log_every 100000000"),
+    "alpha huge": (["--alpha", "1e7"], "--alpha 10000000.0"),
+    "seed negative": (["--seed", "-1"], "--seed -1: expected a value from 0"),
+    "seed past 64 bits": (["--seed", str(2 ** 64)], f"--seed {2 ** 64}"),
+}
+BAD_EVALUATION_FLAGS = {
+    "generation past the context": (["--max_new_tokens", "100000"],
+                                    "+ --max_new_tokens 100000 make"),
+    "generation past the table": (["--max_new_tokens", "3000000"], "from 0 to 2,097,152"),
+    "batch huge": (["--batch_size", "100000"], "--batch_size 100000"),
+    "limit huge": (["--limit", "100000000"], "--limit 100000000"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TRAINING_FLAGS))
+def test_a_training_flag_out_of_range_is_one_line_before_anything_is_written(
+        trained, tmp_path, capsys, case):
+    flags, fragment = BAD_TRAINING_FLAGS[case]
+    out = tmp_path / "out"
+    message = stopped(train_script.main, [*SHORT, "--data_dir", trained[1], "--out_dir", out,
+                                          *flags], capsys, quiet=True)
+    assert fragment in message, message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", list(BAD_EVALUATION_FLAGS))
+def test_an_evaluation_flag_out_of_range_is_one_line_before_anything_is_written(
+        trained, tmp_path, capsys, case):
+    flags, fragment = BAD_EVALUATION_FLAGS[case]
+    adapter, data = trained
+    out = tmp_path / "out"
+    message = stopped(evaluate_script.main, ["--adapter", adapter, "--data_dir", data,
+                                             "--out_dir", out, *flags], capsys)
+    assert fragment in message, message
+    assert not out.exists()
+
+
+def test_the_largest_rank_and_generation_in_range_are_taken(trained, tmp_path):
+    """The bounds are the model's: --r 128 (tiny's width) builds, and a generation that ends
+    exactly at the context of 1024 tokens is planned."""
+    from machinery import checks
+    from machinery.checkpoints import model_config
+    import train as t
+    config, _ = model_config("tiny")
+    s = t.parse_settings([*SHORT, "--r", "128"])
+    cfg = adapters_config(s)
+    checks.check_flags(s, config, ValueError, cfg, prompt_len=1000, max_new_tokens=24)
+    with pytest.raises(ValueError, match="make 1025 tokens"):
+        checks.check_flags(s, config, ValueError, cfg, prompt_len=1000, max_new_tokens=25)
+    assert t.trainable_parameters(config, cfg) > 0
+
+
+def adapters_config(s):
+    from machinery import adapters
+    return adapters.make_config(s.method, r=s.r, alpha=s.alpha, dropout=s.dropout,
+                                gate_pool=s.gate_pool)
+
+
+def test_the_flag_table_agrees_with_what_help_shows():
+    """checks.FLAG_BOUNDS decides; the settings' metadata (shown by --help) says the same lows."""
+    from dataclasses import fields
+    from machinery import checks
+    classes = [train_script.TrainSettings, evaluate_script.EvalSettings, report_script.ReportSettings]
+    numeric = [f for cls in classes for f in fields(cls) if f.type in (int, float)]
+    assert {f.name for f in numeric} <= checks.FLAG_BOUNDS.keys()
+    for f in numeric:
+        low, high = checks.FLAG_BOUNDS[f.name]
+        for key in ("min", "above"):
+            if key in f.metadata:
+                assert f.metadata[key] == low, f.name
+        if "below" in f.metadata:
+            assert f.metadata["below"] == high, f.name
