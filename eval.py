@@ -116,6 +116,8 @@ def check_same_run(path, run):
     if not os.path.exists(path):
         return
     saved = runs.read_json(path, "delete the folder, or choose another --out_dir")
+    checks.check_fields(path, saved, {}, RunError,  # an object, not a list or a number
+                        "delete the folder, or choose another --out_dir")
     changed = sorted(k for k in run.keys() | saved.keys() if run.get(k) != saved.get(k))
     if changed:
         raise RunError(f"{os.path.dirname(path)} holds predictions of another evaluation (different "

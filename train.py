@@ -323,6 +323,8 @@ def read_settings_json(path):
         raise RunError(f"{path} is not the settings.json train.py writes (expected an object "
                        "with the 'settings' object and a whole number 'total_steps'): delete it, "
                        "or choose another --out_dir")
+    checks.check_settings_json(path, saved, TrainSettings, RunError,
+                               "delete it, or choose another --out_dir")
     return saved
 
 

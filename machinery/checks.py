@@ -227,6 +227,24 @@ def check_adapter_payload(path, payload, config_classes, error):
                         f"(float32, bfloat16, float16): {advice}")
 
 
+# ----------------------------------------------------------------------------- run files
+
+def check_settings_json(path, saved, settings_class, error, advice):
+    """train.py's settings.json: each setting of its dataclass type, the recorded data and
+    adapter objects (a list where an object belongs is an edited file, not an older one)."""
+    check_fields(path, saved, {"settings": rule(dict, required=True),
+                               "total_steps": rule(int, low=0, required=True),
+                               "adapter": rule(dict), "data": rule(dict, none_ok=True)},
+                 error, advice)
+    check_fields(path, saved["settings"], dataclass_rules(settings_class), error, advice,
+                 prefix="settings.")
+    if isinstance(saved.get("data"), dict):
+        check_fields(path, saved["data"], {"items": rule(int, low=0),
+                                           "tokens_sha256": rule(str),
+                                           "tokenizer_sha256": rule(str)}, error, advice,
+                     prefix="data.")
+
+
 # ----------------------------------------------------------------------------- flag ranges
 #
 # The one table of train.py's and eval.py's numeric flags: (lowest, highest), inclusive; None:

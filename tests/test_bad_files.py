@@ -587,3 +587,67 @@ def test_the_flag_table_agrees_with_what_help_shows():
                 assert f.metadata[key] == low, f.name
         if "below" in f.metadata:
             assert f.metadata["below"] == high, f.name
+
+
+# ----------------------------------------------------------------------------- settings.json, run.json
+
+from test_faults import interrupted_run  # noqa: E402,F401  (a fixture: a run stopped at step 4)
+
+
+def with_settings(change):
+    def apply(path):
+        saved = json.loads(path.read_text())
+        change(saved)
+        path.write_text(json.dumps(saved))
+    return apply
+
+
+BAD_SETTINGS = {  # how settings.json of an unfinished run is edited -> a piece of the one line
+    "dtype a list": (with_settings(lambda s: s["settings"].update(dtype=[])),
+                     "settings.dtype is [] (list), expected a string"),
+    "lr a string": (with_settings(lambda s: s["settings"].update(lr="1e-3")),
+                    "settings.lr is '1e-3' (str), expected a number"),
+    "r a fraction": (with_settings(lambda s: s["settings"].update(r=4.5)),
+                     "settings.r is 4.5 (float), expected an integer"),
+    "resume a string": (with_settings(lambda s: s["settings"].update(resume="yes")),
+                        "settings.resume is 'yes' (str), expected true or false"),
+    "data a list": (with_settings(lambda s: s.update(data=[1])), "data is [1] (list)"),
+    "data items a string": (with_settings(lambda s: s["data"].update(items="8")),
+                            "data.items is '8' (str)"),
+    "adapter a list": (with_settings(lambda s: s.update(adapter=[])), "adapter is [] (list)"),
+    "total_steps negative": (with_settings(lambda s: s.update(total_steps=-6)),
+                             "total_steps is -6"),
+}
+
+
+@pytest.mark.parametrize("damage", list(BAD_SETTINGS))
+def test_an_edited_settings_json_is_one_line_and_changes_nothing(interrupted_run, tmp_path,
+                                                                 capsys, damage):
+    data, original = interrupted_run
+    out = tmp_path / "run"
+    shutil.copytree(original, out)
+    edit, fragment = BAD_SETTINGS[damage]
+    edit(out / "settings.json")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    message = stopped(train_script.main, [*SHORT, "--data_dir", data, "--out_dir", out,
+                                          "--resume"], capsys)
+    assert str(out / "settings.json") in message and fragment in message, message
+    assert "delete it" in message
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("[1]", "the file is [1] (list), expected a JSON object"),
+    ("3", "the file is 3 (int)"),
+    ('{"model": "tiny", ', "is corrupt"),
+])
+def test_an_edited_run_json_is_one_line_and_changes_nothing(trained, tmp_path, capsys, text,
+                                                            fragment):
+    adapter, data = trained
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "run.json").write_text(text)
+    message = stopped(evaluate_script.main, ["--adapter", adapter, "--data_dir", data,
+                                             "--out_dir", out], capsys)
+    assert str(out / "run.json") in message and fragment in message, message
+    assert [p.name for p in out.iterdir()] == ["run.json"] and (out / "run.json").read_text() == text
