@@ -591,9 +591,6 @@ def test_the_flag_table_agrees_with_what_help_shows():
 
 # ----------------------------------------------------------------------------- settings.json, run.json
 
-from test_faults import interrupted_run  # noqa: E402,F401  (a fixture: a run stopped at step 4)
-
-
 def with_settings(change):
     def apply(path):
         saved = json.loads(path.read_text())
@@ -602,7 +599,7 @@ def with_settings(change):
     return apply
 
 
-BAD_SETTINGS = {  # how settings.json of an unfinished run is edited -> a piece of the one line
+BAD_SETTINGS = {  # how a run's settings.json is edited -> a piece of the one line
     "dtype a list": (with_settings(lambda s: s["settings"].update(dtype=[])),
                      "settings.dtype is [] (list), expected a string"),
     "lr a string": (with_settings(lambda s: s["settings"].update(lr="1e-3")),
@@ -621,11 +618,13 @@ BAD_SETTINGS = {  # how settings.json of an unfinished run is edited -> a piece 
 
 
 @pytest.mark.parametrize("damage", list(BAD_SETTINGS))
-def test_an_edited_settings_json_is_one_line_and_changes_nothing(interrupted_run, tmp_path,
-                                                                 capsys, damage):
-    data, original = interrupted_run
+def test_an_edited_settings_json_is_one_line_and_changes_nothing(trained, tmp_path, capsys,
+                                                                 damage):
+    """The finished run's settings.json, read by --resume (an unfinished run's is read the same
+    way, by the same function)."""
+    adapter, data = trained
     out = tmp_path / "run"
-    shutil.copytree(original, out)
+    shutil.copytree(adapter.parent, out)
     edit, fragment = BAD_SETTINGS[damage]
     edit(out / "settings.json")
     before = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -634,6 +633,16 @@ def test_an_edited_settings_json_is_one_line_and_changes_nothing(interrupted_run
     assert str(out / "settings.json") in message and fragment in message, message
     assert "delete it" in message
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_the_untouched_settings_json_passes_the_same_checks(trained, tmp_path, capsys):
+    adapter, data = trained
+    out = tmp_path / "run"
+    shutil.copytree(adapter.parent, out)
+    with_settings(lambda s: None)(out / "settings.json")
+    train_script.main([str(a) for a in [*SHORT, "--max_steps", "1", "--data_dir", data,
+                                        "--out_dir", out, "--resume"]])
+    assert "nothing to do" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("text, fragment", [
