@@ -472,8 +472,9 @@ def check_tokenizer_json(path, spec):
         name = f"pre_tokenizer.pretokenizers[{index}]" if part is not pre else "pre_tokenizer"
         checks.check_fields(path, part, _PRE_TOKENIZER, DataError, advice, prefix=f"{name}.")
         if part["type"] == "Split":
-            checks.check_fields(path, part.get("pattern"), {"Regex": rule(str), "String": rule(str)},
-                                DataError, advice, prefix=f"{name}.pattern.")
+            checks.check_fields(path, part.get("pattern"),
+                                {"Regex": rule(str), "String": rule(str)}, DataError, advice,
+                                prefix=f"{name}.pattern.")
     post = spec.get("post_processor") or {}
     for index, processor in enumerate(post.get("processors", []) if post.get("type") == "Sequence"
                                       else [post] if post else []):
@@ -690,7 +691,8 @@ def dataset_file(dataset):
 
 
 _TEXT = rule(str)
-_ITEM_FIELDS = {key: rule(str, required=True) for key in ("instruction", "input", "output", "answer")}
+_ITEM_FIELDS = {key: rule(str, required=True)
+                for key in ("instruction", "input", "output", "answer")}
 
 
 def read_items(path):

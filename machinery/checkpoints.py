@@ -91,8 +91,9 @@ def read_safetensors_header(path):
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise CheckpointError(f"{path} is not a valid .safetensors file ({size} bytes, expected "
-                                  f"an 8-byte header length first): {_SAFETENSORS_ADVICE}")
+            raise CheckpointError(f"{path} is not a valid .safetensors file ({size} bytes, "
+                                  f"expected an 8-byte header length first): "
+                                  f"{_SAFETENSORS_ADVICE}")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > min(size - 8, SAFETENSORS_MAX_HEADER):
             what = (f"more than {SAFETENSORS_MAX_HEADER:,}" if header_len > SAFETENSORS_MAX_HEADER
@@ -149,8 +150,8 @@ def read_safetensors_header(path):
                                   f"{_SAFETENSORS_ADVICE}")
         covered = end
     if data_start + covered > size:
-        raise CheckpointError(f"{path} is truncated: its tensors end at byte {data_start + covered} "
-                              f"of a {size}-byte file; download it again")
+        raise CheckpointError(f"{path} is truncated: its tensors end at byte "
+                              f"{data_start + covered} of a {size}-byte file; download it again")
     if data_start + covered < size:
         raise CheckpointError(f"{path}: {size - data_start - covered} bytes after the last tensor "
                               f"belong to none (the header covers {covered} of "

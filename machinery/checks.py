@@ -104,8 +104,9 @@ def check_text(where, name, text, error, advice):
     """Refuse a string that holds a lone surrogate: no tokenizer can encode it (UTF-8 has none)."""
     bad = _LONE_SURROGATE.search(text)
     if bad:
-        raise error(f"{where}: {name} holds a lone surrogate U+{ord(bad.group()):04X} at character "
-                    f"{bad.start()}, which is no Unicode text (a half of an escaped pair?): {advice}")
+        raise error(f"{where}: {name} holds a lone surrogate U+{ord(bad.group()):04X} at "
+                    f"character {bad.start()}, which is no Unicode text (half of an escaped "
+                    f"pair?): {advice}")
 
 
 def check_mapping(where, name, value, key_rule, value_rule, error, advice):
