@@ -605,6 +605,7 @@ class TiktokenTokenizer(BPETokenizer):
         self.normalize, self.ignore_merges = None, True  # tiktoken looks a word up whole first
         self.pretokenizer = split_pretokenizer(LLAMA3_PATTERN)
         self.token_to_id = {}  # tokens as byte_to_char strings, so decode() is the BPE one
+        lines = {}  # rank -> the line that gave it
         for number, line in enumerate(path.read_bytes().splitlines(), 1):
             try:  # validate: b64decode would otherwise drop characters outside base64's alphabet
                 token, rank = line.split()
@@ -615,14 +616,20 @@ class TiktokenTokenizer(BPETokenizer):
                 raise DataError(f"{path}:{number}: expected 'base64-token rank' lines (Meta's "
                                 f"Llama 3 tokenizer.model), found {line[:40]!r}: is the file "
                                 f"complete?") from None
-            if not chars or chars in self.token_to_id or rank != number - 1:
-                # Meta's ranks are 0, 1, 2, ... in line order, one per token; the specials'
-                # ids follow the last, so a gap or repeat would give two tokens one id
+            if not chars or chars in self.token_to_id or rank in lines:
                 what = ("an empty token" if not chars else "a token given twice"
-                        if chars in self.token_to_id else f"rank {rank}")
-                raise DataError(f"{path}:{number}: expected a new token of rank {number - 1} "
-                                f"(one per line, in order), found {what}: {TOKENIZER_ADVICE}")
+                        if chars in self.token_to_id else f"rank {rank} again (line {lines[rank]})")
+                raise DataError(f"{path}:{number}: expected a new token and a new rank, found "
+                                f"{what}: {TOKENIZER_ADVICE}")
+            lines[rank] = number
             self.token_to_id[chars] = rank
+        if lines and max(lines) != len(lines) - 1:
+            # Meta's specials take the ids right after the last rank (Meta's Tokenizer does the
+            # same), so the ranks must be 0 to n - 1: a gap would give a special a token's id
+            gap = min(set(range(len(lines))) - lines.keys())
+            raise DataError(f"{path}: expected ranks 0 to {len(lines) - 1}, one per token, found "
+                            f"none of rank {gap} (line {lines[max(lines)]} has rank "
+                            f"{max(lines)}): {TOKENIZER_ADVICE}")
         missing = [c for c in self.byte_to_char.values() if c not in self.token_to_id]
         if missing:
             raise DataError(f"{path}: expected a rank for each of the 256 bytes, found "

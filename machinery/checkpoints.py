@@ -218,13 +218,8 @@ def index_weights(path):
 # ----------------------------------------------------------------------------- configs
 
 def _read_json(path):
-    try:
-        values = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:  # json's errors are ValueErrors
-        raise CheckpointError(f"{path} is not valid JSON ({e}): repair it or download it again") from None
-    if not isinstance(values, dict):
-        raise CheckpointError(f"{path} holds {type(values).__name__}, expected a JSON object of settings")
-    return values
+    """A config or index file: JSON, an object at the top, nested no deeper than checks allows."""
+    return checks.load_json(path, CheckpointError, "repair it or download it again")
 
 
 def _positive_int(values, key, path):
@@ -613,6 +608,12 @@ def _hf_weight_files(folder):
             weight_map = _read_json(folder / index_name).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{folder / index_name} has no weight_map: download it again")
+            checks.check_mapping(folder / index_name, "weight_map", weight_map, rule(str),
+                                 rule(str), CheckpointError, "download it again")
+            outside = [name for name in weight_map.values() if Path(name).name != name]
+            if outside:  # the shards are files of this folder, never a path elsewhere
+                raise CheckpointError(f"{folder / index_name}: weight_map names {outside[0]!r}, "
+                                      "expected a file name in the folder: download it again")
             files = [folder / name for name in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in files if not f.exists()]
             if missing:

@@ -304,7 +304,7 @@ def read_json(path, what):
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except PermissionError:
         raise RunError(f"cannot read {path}: permission denied") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # also nested past the limit
         raise RunError(f"{path} is corrupt ({e}): {what}") from None
 
 
@@ -340,7 +340,7 @@ class JsonLines:
         for number, line in enumerate(lines, 1):
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # a cut line, garbage, or nesting past the limit
                 record = None
             if is_record(record):
                 records.append(record)

@@ -129,6 +129,13 @@ def llama_folder(tmp_path):
 META = {"dim": 64, "n_layers": 2, "n_heads": 4, "multiple_of": 32, "norm_eps": 1e-5,
         "vocab_size": 32000}
 
+def nested(levels):
+    value = []
+    for _ in range(levels - 1):
+        value = [value]
+    return value
+
+
 BAD_CONFIGS = {  # (file, fields changed) -> pieces of the one error line
     "rms_norm_eps a string": ("config.json", {"rms_norm_eps": "1e-6"},
                               ["rms_norm_eps is '1e-6' (str)"]),
@@ -155,6 +162,10 @@ BAD_CONFIGS = {  # (file, fields changed) -> pieces of the one error line
     "ffn multiplier a list": ("params.json", {"ffn_dim_multiplier": [1.3]},
                               ["ffn_dim_multiplier is [1.3]"]),
     "n_layers a bool": ("params.json", {"n_layers": True}, ["n_layers is True (bool)"]),
+    "nested 100 deep": ("config.json", {"rope_scaling": nested(100)},
+                        ["nested deeper than 64 levels"]),
+    "params nested 100 deep": ("params.json", {"dim": nested(100)},
+                               ["nested deeper than 64 levels"]),
 }
 
 
@@ -176,6 +187,25 @@ def test_a_bad_model_config_is_one_line_before_anything_is_made(tmp_path, capsys
                                           "--data_dir", shared_path("llm-adapters"),
                                           "--out_dir", out], capsys)
     assert str(folder / name) in message and all(f in message for f in fragments), message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("weight_map, fragment", [
+    ({"lm_head.weight": "../elsewhere.safetensors"}, "expected a file name in the folder"),
+    ({"lm_head.weight": 3}, "weight_map['lm_head.weight'] is 3 (int)"),
+    ([], "has no weight_map"),
+])
+def test_a_bad_shard_index_is_one_line(small_llama, trained, tmp_path, capsys, weight_map,
+                                       fragment):
+    folder = tmp_path / "model"
+    shutil.copytree(small_llama, folder)
+    shutil.copy(shared_path("spm-tokenizer", "tokenizer.model"), folder)
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    out = tmp_path / "out"
+    message = stopped(train_script.main, ["--model", folder, "--task", "math", "--max_steps", "1",
+                                          "--data_dir", trained[1], "--out_dir", out], capsys)
+    assert str(index) in message and fragment in message, message
     assert not out.exists()
 
 
@@ -263,8 +293,10 @@ BAD_TOKENIZERS = {  # how the tokenizer files are written -> pieces of the one e
     "tiktoken line without a rank": (lambda f: write_model_file(f, tiktoken_lines(["aGk="])),
                                      "tokenizer.model:259", ["found b'aGk='"]),
     "tiktoken rank skipped": (lambda f: write_model_file(f, tiktoken_lines(["aGk= 300"])),
-                              "tokenizer.model:259", ["expected a new token of rank 258",
-                                                      "rank 300"]),
+                              "tokenizer.model", ["expected ranks 0 to 258", "none of rank 258",
+                                                  "line 259 has rank 300"]),
+    "tiktoken rank twice": (lambda f: write_model_file(f, tiktoken_lines(["aGk= 5"])),
+                            "tokenizer.model:259", ["rank 5 again (line 6)"]),
     "tiktoken token twice": (lambda f: write_model_file(f, tiktoken_lines(["aGU= 258"])),
                              "tokenizer.model:259", ["a token given twice"]),
     "tiktoken bytes missing": (lambda f: write_model_file(f, tiktoken_lines()[:200]),
@@ -354,6 +386,8 @@ def test_the_untouched_tokenizer_files_load_and_match_the_reference(tmp_path):
     ranks = {bytes([b]): b for b in range(256)} | {b" t": 256, b"he": 257}
     enc = tiktoken.Encoding("t", pat_str=data.LLAMA3_PATTERN, mergeable_ranks=ranks,
                             special_tokens={})
+    assert data.load_tokenizer(tmp_path / "t").encode(text, bos=False) == enc.encode(text)
+    write_model_file(tmp_path / "t", tiktoken_lines()[::-1])  # tiktoken takes any line order
     assert data.load_tokenizer(tmp_path / "t").encode(text, bos=False) == enc.encode(text)
 
 
