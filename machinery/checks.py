@@ -213,12 +213,12 @@ def check_adapter_payload(path, payload, config_classes, error):
     base_rules = {"class": rule(str, required=True), "family": rule(str, none_ok=True),
                   "shapes": rule(dict, required=True)}
     check_fields(path, payload["base"], base_rules, error, advice, prefix="base.")
-    for key in ("model", "task"):
-        if key in payload["info"]:
-            check_value(path, f"info.{key}", payload["info"][key], rule(str, none_ok=True), error,
-                        advice)
-    if "steps" in payload["info"]:
-        check_value(path, "info.steps", payload["info"]["steps"], rule(int, low=0), error, advice)
+    # info is free-form (plain data), but what the commands read from it must have its type
+    text = rule(str, none_ok=True)
+    check_fields(path, payload["info"], {"model": text, "task": text, "method": text,
+                                         "checkpoint_dir": text, "steps": rule(int, low=0),
+                                         "trainable_parameters": rule(int, low=0)},
+                 error, advice, prefix="info.")
     for name, tensor in payload["tensors"].items():
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
             raise error(f"{path}: tensors[{name!r}] is {type(tensor).__name__}, expected a tensor: "

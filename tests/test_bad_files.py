@@ -66,6 +66,10 @@ BAD_ADAPTERS = {  # how the payload is edited -> pieces of the one error line
     "unknown top field": (lambda p: p.update(extra=1),
                           ["extra is a field this version does not know"]),
     "steps negative": (lambda p: p["info"].update(steps=-3), ["info.steps is -3"]),
+    "checkpoint_dir a list": (lambda p: p["info"].update(checkpoint_dir=["a"]),
+                              ["info.checkpoint_dir is ['a'] (list)"]),
+    "model a number": (lambda p: p["info"].update(model=7), ["info.model is 7 (int)"]),
+    "no model in info": (lambda p: p["info"].pop("model"), ["names no model or task"]),
     "base class a number": (lambda p: p["base"].update({"class": 7}), ["base.class is 7 (int)"]),
     "shapes a list": (lambda p: p["base"].update(shapes=[]), ["base.shapes is [] (list)"]),
 }
