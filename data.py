@@ -19,7 +19,8 @@ from pathlib import Path
 import sentencepiece
 import torch
 
-from machinery import runs
+from machinery import checks, runs
+from machinery.checks import rule
 
 
 class DataError(ValueError):
@@ -34,7 +35,13 @@ class SentencePieceTokenizer:
     """LLaMA's tokenizer: a sentencepiece model, BOS/EOS ids taken from the model itself."""
 
     def __init__(self, model_file):
-        self.processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        try:
+            self.processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        except (RuntimeError, OSError) as e:  # sentencepiece's "could not parse ModelProto"
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"{model_file}: expected a sentencepiece model (LLaMA 1/2) or Meta's "
+                            f"tiktoken text (Llama 3), found neither (sentencepiece: {reason}): "
+                            f"{TOKENIZER_ADVICE}") from None
         self.vocab_size = self.processor.get_piece_size()
         self.bos_id = self.processor.bos_id()
         self.eos_id = self.processor.eos_id()
@@ -153,15 +160,14 @@ class BPETokenizer:
         self.char_to_byte = {c: b for b, c in self.byte_to_char.items()}
         self.normalize = None  # a str -> str applied to text outside added tokens, or None
         if (folder / "vocab.json").exists():
-            self.token_to_id = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
-            merges = [tuple(line.split(" ")) for line in lines
-                      if line and not line.startswith("#version")]
+            self.token_to_id = read_vocab(folder / "vocab.json")
+            merges = read_merges(folder / "merges.txt")
             self.pretokenizer, self.ignore_merges, template_bos = gpt2_pretokenizer(), False, None
         else:  # transformers 5 saves only tokenizer.json, which holds the same vocabulary and merges
             bpe, self.pretokenizer, self.normalize, template_bos = read_tokenizer_json(folder)
             self.token_to_id = bpe["vocab"]
             merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in bpe["merges"]]
+            check_merges(folder / "tokenizer.json", "model.merges", merges)
             # Llama 3's: a word that is itself in the vocabulary is one token, merges or not
             self.ignore_merges = bool(bpe.get("ignore_merges"))
         self.merge_rank = {tuple(pair): rank for rank, pair in enumerate(merges)}
@@ -196,6 +202,16 @@ class BPETokenizer:
         """bos/eos/pad/stop ids as transformers reads them from the folder's config files."""
         self.set_added(added)
         config = read_json(folder / "tokenizer_config.json")
+        token = rule(str, dict, none_ok=True)  # a token's text, or {"content": text, ...}
+        checks.check_fields(folder / "tokenizer_config.json", config,
+                            {"bos_token": token, "eos_token": token, "pad_token": token,
+                             "add_bos_token": rule(bool, none_ok=True)}, DataError,
+                            TOKENIZER_ADVICE)
+        for name in ("bos_token", "eos_token", "pad_token"):
+            if isinstance(config.get(name), dict):
+                checks.check_fields(folder / "tokenizer_config.json", config[name],
+                                    {"content": rule(str, required=True)}, DataError,
+                                    TOKENIZER_ADVICE, prefix=f"{name}.")
 
         def token_id(content):  # a config names a token by its text, or as {"content": ...}
             content = content.get("content") if isinstance(content, dict) else content
@@ -330,22 +346,164 @@ def read_added_tokens(folder):
     # later files describe the same tokens more fully, so they win
     path = folder / "added_tokens.json"  # {content: id}, GPT-J's hub layout
     if path.exists():
-        for content, token_id in json.loads(path.read_text(encoding="utf-8")).items():
+        tokens = read_json(path)
+        checks.check_mapping(path, "the file", tokens, rule(str), _TOKEN_ID, DataError,
+                             TOKENIZER_ADVICE)
+        for content, token_id in tokens.items():
             add(content, token_id, {})
     path = folder / "tokenizer_config.json"  # "added_tokens_decoder": {id: {content, flags}}
     if path.exists():
-        for token_id, spec in json.loads(path.read_text(encoding="utf-8")).get("added_tokens_decoder", {}).items():
+        decoder = read_json(path).get("added_tokens_decoder", {})
+        checks.check_mapping(path, "added_tokens_decoder", decoder, rule(str), rule(dict),
+                             DataError, TOKENIZER_ADVICE)
+        for token_id, spec in decoder.items():
+            if not token_id.isdigit():
+                raise DataError(f"{path}: added_tokens_decoder key {token_id!r}, expected a "
+                                f"token id: {TOKENIZER_ADVICE}")
+            check_added_token(path, f"added_tokens_decoder[{token_id!r}]", spec, with_id=False)
             add(spec["content"], token_id, spec)
     path = folder / "tokenizer.json"  # "added_tokens": [{id, content, flags}]
     if path.exists():
-        for spec in json.loads(path.read_text(encoding="utf-8")).get("added_tokens", []):
+        specs = read_json(path).get("added_tokens", [])
+        checks.check_list(path, "added_tokens", specs, rule(dict), DataError, TOKENIZER_ADVICE)
+        for index, spec in enumerate(specs):
+            check_added_token(path, f"added_tokens[{index}]", spec)
             add(spec["content"], spec["id"], spec)
     return added
 
 
+# ----------------------------------------------------------------------------- tokenizer files
+# Each file is checked field by field (machinery/checks.py) before a tokenizer is built from it.
+
+TOKENIZER_ADVICE = "use the tokenizer files saved with the model, or download them again"
+_TOKEN_ID = rule(int, low=0, high=(1 << 22) - 1)  # as config.json's vocab_size: 4M at most
+_FLAG = rule(bool)
+_ADDED_TOKEN = {"id": rule(int, low=0, high=(1 << 22) - 1, required=True),
+                "content": rule(str, required=True), "lstrip": _FLAG, "rstrip": _FLAG,
+                "single_word": _FLAG, "normalized": _FLAG, "special": _FLAG}
+
+
+def check_added_token(path, name, spec, with_id=True):
+    """One added token's description: its text, its id (when the entry holds it), its flags."""
+    rules = _ADDED_TOKEN if with_id else {k: r for k, r in _ADDED_TOKEN.items() if k != "id"}
+    checks.check_fields(path, spec, rules, DataError, TOKENIZER_ADVICE, prefix=f"{name}.")
+    if not spec["content"]:
+        raise DataError(f"{path}: {name}.content is empty, expected the token's text: "
+                        f"{TOKENIZER_ADVICE}")
+
+
+def read_vocab(path):
+    """vocab.json: {token: id}, every id a whole number and none given twice."""
+    vocab = read_json(path)
+    checks.check_mapping(path, "vocab", vocab, rule(str), _TOKEN_ID, DataError, TOKENIZER_ADVICE)
+    check_unique_ids(path, vocab)
+    return vocab
+
+
+def check_unique_ids(path, vocab):
+    if len(set(vocab.values())) != len(vocab):
+        seen = {}
+        for token, token_id in vocab.items():
+            if token_id in seen:
+                raise DataError(f"{path}: tokens {seen[token_id]!r} and {token!r} both have id "
+                                f"{token_id}, expected one id per token: {TOKENIZER_ADVICE}")
+            seen[token_id] = token
+
+
+def read_merges(path):
+    """merges.txt: a '#version' line, then one merge a line, two symbols split by one space."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise DataError(f"{path} not found (vocab.json needs it): {TOKENIZER_ADVICE}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}): "
+                        f"{TOKENIZER_ADVICE}") from None
+    merges = []
+    for number, line in enumerate(lines, 1):
+        if not line or (number == 1 and line.startswith("#version")):
+            continue
+        pair = tuple(line.split(" "))
+        if len(pair) != 2 or not all(pair):
+            raise DataError(f"{path}: line {number}: expected two symbols split by one space, "
+                            f"found {line[:40]!r}: {TOKENIZER_ADVICE}")
+        checks.check_text(path, f"line {number}", line, DataError, TOKENIZER_ADVICE)
+        merges.append(pair)
+    return merges
+
+
+def check_merges(path, name, merges):
+    """tokenizer.json's merges: "a b" strings or [a, b] pairs of symbols."""
+    for index, pair in enumerate(merges):
+        if len(pair) != 2 or not all(isinstance(p, str) and p for p in pair):
+            raise DataError(f"{path}: {name}[{index}] is {checks.found(list(pair))}, expected "
+                            f"two symbols ('a b' or [a, b]): {TOKENIZER_ADVICE}")
+
+
+_TOKENIZER_JSON = {"model": rule(dict, required=True), "pre_tokenizer": rule(dict, none_ok=True),
+                   "normalizer": rule(dict, none_ok=True),
+                   "post_processor": rule(dict, none_ok=True), "added_tokens": rule(list)}
+_BPE_MODEL = {"type": rule(str, required=True), "vocab": rule(dict, required=True),
+              "merges": rule(list, required=True), "ignore_merges": rule(bool, none_ok=True),
+              "continuing_subword_prefix": rule(str, none_ok=True),
+              "end_of_word_suffix": rule(str, none_ok=True), "byte_fallback": rule(bool),
+              "dropout": rule(float, low=0, high=1, none_ok=True)}
+_PRE_TOKENIZER = {"type": rule(str, required=True), "pretokenizers": rule(list),
+                  "add_prefix_space": rule(bool), "use_regex": rule(bool),
+                  "pattern": rule(dict), "behavior": rule(str), "invert": rule(bool)}
+
+
+def check_tokenizer_json(path, spec):
+    """tokenizer.json's parts this code reads, before any of them is used."""
+    advice = TOKENIZER_ADVICE
+    checks.check_fields(path, spec, _TOKENIZER_JSON, DataError, advice)
+    model = spec["model"]
+    checks.check_fields(path, model, _BPE_MODEL if model.get("type") == "BPE" else
+                        {"type": rule(str, required=True)}, DataError, advice, prefix="model.")
+    if model["type"] == "BPE":
+        checks.check_mapping(path, "model.vocab", model["vocab"], rule(str), _TOKEN_ID,
+                             DataError, advice)
+        check_unique_ids(path, model["vocab"])
+        checks.check_list(path, "model.merges", model["merges"], rule(str, list), DataError,
+                          advice)
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre] if pre else []
+    for index, part in enumerate(parts):
+        name = f"pre_tokenizer.pretokenizers[{index}]" if part is not pre else "pre_tokenizer"
+        checks.check_fields(path, part, _PRE_TOKENIZER, DataError, advice, prefix=f"{name}.")
+        if part["type"] == "Split":
+            checks.check_fields(path, part.get("pattern"),
+                                {"Regex": rule(str), "String": rule(str)}, DataError, advice,
+                                prefix=f"{name}.pattern.")
+    post = spec.get("post_processor") or {}
+    for index, processor in enumerate(post.get("processors", []) if post.get("type") == "Sequence"
+                                      else [post] if post else []):
+        name = "post_processor" + (f".processors[{index}]" if processor is not post else "")
+        checks.check_fields(path, processor, {"type": rule(str, required=True)}, DataError, advice,
+                            prefix=f"{name}.")
+        if processor["type"] != "TemplateProcessing":
+            continue
+        checks.check_list(path, f"{name}.single", processor.get("single", []), rule(dict),
+                          DataError, advice)
+        first = (processor.get("single") or [{}])[0]
+        if "SpecialToken" in first:
+            token = first["SpecialToken"]
+            checks.check_fields(path, token, {"id": rule(str, required=True)}, DataError, advice,
+                                prefix=f"{name}.single[0].SpecialToken.")
+            specials = processor.get("special_tokens")
+            checks.check_fields(path, specials, {token["id"]: rule(dict, required=True)},
+                                DataError, advice, prefix=f"{name}.special_tokens.")
+            ids = specials[token["id"]].get("ids")
+            checks.check_list(path, f"{name}.special_tokens[{token['id']!r}].ids", ids,
+                              _TOKEN_ID, DataError, advice)
+            if not ids:
+                raise DataError(f"{path}: {name}.special_tokens[{token['id']!r}].ids is empty, "
+                                f"expected the token's id: {advice}")
+
+
 def read_json(path):
-    """A config file's dict; {} when the folder does not have it."""
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    """A tokenizer or config file's dict, checked as JSON; {} when the folder does not have it."""
+    return checks.load_json(path, DataError, TOKENIZER_ADVICE) if path.exists() else {}
 
 
 def read_tokenizer_json(folder):
@@ -353,6 +511,7 @@ def read_tokenizer_json(folder):
     of a byte-level tokenizer.json; one line naming what was found for anything else."""
     path = folder / "tokenizer.json"
     spec = read_json(path)
+    check_tokenizer_json(path, spec)
     bpe, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     norm = spec.get("normalizer")
 
@@ -409,6 +568,12 @@ def stop_ids(folder, eos_id, added):
     stops = [eos_id] + [added[t]["id"] for t in TURN_END_TOKENS if t in added]
     for name in ("generation_config.json", "config.json"):
         listed = read_json(folder / name).get("eos_token_id")
+        checks.check_value(folder / name, "eos_token_id", listed,
+                           rule(int, list, low=0, high=(1 << 22) - 1, none_ok=True), DataError,
+                           TOKENIZER_ADVICE)
+        if isinstance(listed, list):
+            checks.check_list(folder / name, "eos_token_id", listed, _TOKEN_ID, DataError,
+                              TOKENIZER_ADVICE)
         stops += listed if isinstance(listed, list) else [] if listed is None else [listed]
     return list(dict.fromkeys(stops))  # in order, once each
 
@@ -440,15 +605,31 @@ class TiktokenTokenizer(BPETokenizer):
         self.normalize, self.ignore_merges = None, True  # tiktoken looks a word up whole first
         self.pretokenizer = split_pretokenizer(LLAMA3_PATTERN)
         self.token_to_id = {}  # tokens as byte_to_char strings, so decode() is the BPE one
+        lines = {}  # rank -> the line that gave it
         for number, line in enumerate(path.read_bytes().splitlines(), 1):
-            try:
+            try:  # validate: b64decode would otherwise drop characters outside base64's alphabet
                 token, rank = line.split()
-                chars = "".join(self.byte_to_char[b] for b in base64.b64decode(token))
-                self.token_to_id[chars] = int(rank)
-            except ValueError:
+                chars = "".join(self.byte_to_char[b]
+                                for b in base64.b64decode(token, validate=True))
+                rank = int(rank)
+            except ValueError:  # also binascii.Error: bad padding, a character not base64
                 raise DataError(f"{path}:{number}: expected 'base64-token rank' lines (Meta's "
                                 f"Llama 3 tokenizer.model), found {line[:40]!r}: is the file "
                                 f"complete?") from None
+            if not chars or chars in self.token_to_id or rank in lines:
+                what = ("an empty token" if not chars else "a token given twice"
+                        if chars in self.token_to_id else f"rank {rank} again (line {lines[rank]})")
+                raise DataError(f"{path}:{number}: expected a new token and a new rank, found "
+                                f"{what}: {TOKENIZER_ADVICE}")
+            lines[rank] = number
+            self.token_to_id[chars] = rank
+        if lines and max(lines) != len(lines) - 1:
+            # Meta's specials take the ids right after the last rank (Meta's Tokenizer does the
+            # same), so the ranks must be 0 to n - 1: a gap would give a special a token's id
+            gap = min(set(range(len(lines))) - lines.keys())
+            raise DataError(f"{path}: expected ranks 0 to {len(lines) - 1}, one per token, found "
+                            f"none of rank {gap} (line {lines[max(lines)]} has rank "
+                            f"{max(lines)}): {TOKENIZER_ADVICE}")
         missing = [c for c in self.byte_to_char.values() if c not in self.token_to_id]
         if missing:
             raise DataError(f"{path}: expected a rank for each of the 256 bytes, found "
@@ -466,7 +647,10 @@ class TiktokenTokenizer(BPETokenizer):
 
 def is_bpe_tokenizer_json(folder):
     path = folder / "tokenizer.json"
-    return path.exists() and json.loads(path.read_text(encoding="utf-8")).get("model", {}).get("type") == "BPE"
+    if not path.exists():
+        return False
+    model = read_json(path).get("model")  # not an object: BPETokenizer's checks say so
+    return not isinstance(model, dict) or model.get("type") == "BPE"
 
 
 def load_tokenizer(folder):
@@ -513,6 +697,11 @@ def dataset_file(dataset):
     return f"dataset/{dataset}/test.json"
 
 
+_TEXT = rule(str)
+_ITEM_FIELDS = {key: rule(str, required=True)
+                for key in ("instruction", "input", "output", "answer")}
+
+
 def read_items(path):
     """One LLM-Adapters file as a list of dicts with string instruction/input/output/answer."""
     path = Path(path)
@@ -537,11 +726,11 @@ def read_items(path):
             raise DataError(f"{path}: item {index}: expected a dict, found {type(item).__name__}: "
                             f"fix or re-download the file")
         item = {"input": "", **item}  # an empty input may be left out (LLM-Adapters' files never do)
-        bad = [f"{k} missing" if k not in item else f"{k} is {type(item[k]).__name__}"
-               for k in ("instruction", "input", "output", "answer") if not isinstance(item.get(k), str)]
-        if bad:
-            raise DataError(f"{path}: item {index}: expected string instruction, input, output and answer, "
-                            f"found {', '.join(bad)}: fix or re-download the file")
+        # every field a string of Unicode text (other fields too: the math split compares whole
+        # records), the four known ones there
+        rules = {key: _TEXT for key in item} | _ITEM_FIELDS
+        checks.check_fields(f"{path}: item {index}", item, rules, DataError,
+                            "fix or re-download the file")
         items[index] = item
     return items
 

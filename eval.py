@@ -28,13 +28,14 @@ from tqdm import tqdm  # noqa: E402
 
 from machinery import adapters  # noqa: E402
 from machinery import decode  # noqa: E402
+from machinery import checks  # noqa: E402
 from machinery import distributed  # noqa: E402
 from machinery import memory  # noqa: E402
 from machinery import runs  # noqa: E402
 from data import DataError, extract_answer, generate_prompt, is_correct, load_task, tokenizer_for  # noqa: E402
 from machinery.memory import NotEnoughMemory  # noqa: E402
 from machinery.checkpoints import check_window, load_model, model_config  # noqa: E402
-from model import CheckpointError  # noqa: E402
+from model import CheckpointError, Transformer  # noqa: E402
 from machinery.quantize import QUANTIZE_KINDS  # noqa: E402
 from machinery.runs import RunError  # noqa: E402
 
@@ -116,6 +117,8 @@ def check_same_run(path, run):
     if not os.path.exists(path):
         return
     saved = runs.read_json(path, "delete the folder, or choose another --out_dir")
+    checks.check_fields(path, saved, {}, RunError,  # an object, not a list or a number
+                        "delete the folder, or choose another --out_dir")
     changed = sorted(k for k in run.keys() | saved.keys() if run.get(k) != saved.get(k))
     if changed:
         raise RunError(f"{os.path.dirname(path)} holds predictions of another evaluation (different "
@@ -147,6 +150,9 @@ def plan(s):
     # the adapter's own folder unless another model or folder is given
     checkpoint_dir = s.checkpoint_dir or (info.get("checkpoint_dir") if not s.model else "") or None
     config, folder = model_config(model_name, checkpoint_dir)  # reads params.json / config.json only
+    if s.adapter and not s.base:  # the adapter against the base first, on a model of no weights
+        with torch.device("meta"):
+            adapters.check_base(Transformer(config), s.adapter)
     default_out = os.path.join(os.path.dirname(os.path.abspath(s.adapter)) if s.adapter else "out",
                                f"eval-{task_name}" + ("-base" if s.base else ""))
     out_dir = s.out_dir or default_out
@@ -160,6 +166,8 @@ def plan(s):
     tokenizer = tokenizer_for(folder)
     # the longest sequence a batch holds: the longest prompt and the answer
     seq_len = max((len(tokenizer.encode(p)) for p in prompts.values()), default=1) + max_new_tokens
+    checks.check_flags(s, config, RunError, prompt_len=seq_len - max_new_tokens,
+                       max_new_tokens=max_new_tokens)
     check_window(config, seq_len, f"the longest prompt + --max_new_tokens {max_new_tokens}")
     s.dtype, note = memory.plan(config, s.device, s.dtype, s.quantize or None, training=False,
                                 batch_size=min(s.batch_size, max(1, len(prompts))), seq_len=seq_len)

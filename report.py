@@ -91,7 +91,9 @@ def report(s):
     if cfg is None or not (cfg.attention_gate or cfg.ffn_gate != "none"):
         raise RunError(f"{s.adapter} has no gates (method {info.get('method', method)}): a gate report needs "
                        "an InterLoRA variant with a head or an FFN gate")
-    model_name, task_name = info["model"], info["task"]
+    model_name, task_name = info.get("model"), info.get("task")
+    if not model_name or not task_name:  # every adapter train.py writes names both
+        raise RunError(f"{s.adapter} names no model or task (info.model, info.task): train it again")
     config, folder = model_config(model_name, s.checkpoint_dir or info.get("checkpoint_dir") or None)
     s.dtype, note = memory.plan(config, s.device, s.dtype, s.quantize or None, training=False,
                                 batch_size=s.batch_size, seq_len=s.cutoff_len)

@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from machinery import adapters  # noqa: E402
+from machinery import checks  # noqa: E402
 from machinery import distributed  # noqa: E402
 from machinery import fused  # noqa: E402
 from machinery import gates  # noqa: E402
@@ -261,6 +262,7 @@ def train(s):
     s.checkpoint_dir = str(folder) if folder else ""
     check_window(config, s.cutoff_len, f"--cutoff_len {s.cutoff_len}")
     cfg = adapters.make_config(s.method, r=s.r, alpha=s.alpha, dropout=s.dropout, gate_pool=s.gate_pool)
+    checks.check_flags(s, config, RunError, cfg)  # --r within the layers, --cutoff_len the context
     n_trainable = trainable_parameters(config, cfg)
     if s.resume and not s.dtype:  # a resumed run keeps the dtype it started with
         s.dtype = saved_settings(s.out_dir).get("dtype", "")
@@ -322,6 +324,8 @@ def read_settings_json(path):
         raise RunError(f"{path} is not the settings.json train.py writes (expected an object "
                        "with the 'settings' object and a whole number 'total_steps'): delete it, "
                        "or choose another --out_dir")
+    checks.check_settings_json(path, saved, TrainSettings, RunError,
+                               "delete it, or choose another --out_dir")
     return saved
 
 

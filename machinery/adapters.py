@@ -25,13 +25,14 @@ import torch
 
 import baselines
 import interlora
-from machinery import fused, runs
+from machinery import checks, fused, runs
 from baselines import AdapterConfig, BaselineError, PrefixConfig
 from interlora import AdapterError, InterLoRAConfig
 
 # train.py's --method: InterLoRA's variants (lora among them), then the two baselines
 BASELINES = {"adapter": AdapterConfig, "prefix": PrefixConfig}
 METHODS = list(interlora.VARIANTS) + list(BASELINES)
+CONFIG_CLASSES = {"interlora": InterLoRAConfig, "lora": InterLoRAConfig, **BASELINES}
 ERRORS = (AdapterError, BaselineError)  # what building, saving and loading raise for bad input
 
 
@@ -116,30 +117,30 @@ def read_adapter(path):
                            "not an InterLoRA adapter") from None
     if not isinstance(payload, dict) or payload.get("format") != "interlora-adapter":
         raise AdapterError(f"{path} is not an InterLoRA adapter file (no 'interlora-adapter' format tag)")
+    # field by field before any of it is used: missing parts, unknown versions and fields, types
+    checks.check_adapter_payload(path, payload, CONFIG_CLASSES, AdapterError)
     if problem := runs.bad_numbers(payload.get("tensors"), runs.ADAPTER_BOUND):
         raise AdapterError(f"{path}: {problem}: the run that wrote it diverged; "
                            "train it again with a lower --lr")
     payload["method"] = method_of(payload)
-    if payload["method"] not in ("interlora", "lora", *BASELINES):
-        raise AdapterError(f"{path} holds an adapter of method {payload['method']!r}, which this version does not "
-                           f"know (it knows {', '.join(('interlora', 'lora', *BASELINES))})")
     return payload
 
 
 def _base_description(model, cfg):
-    """What an adapter file must match: the model's class and family, and the shapes the tensors
-    attach to (the adapted layers' [in, out], a baseline adapter's side, a prefix's sizes)."""
+    """What an adapter file must match: the model's class and family, and the shapes its
+    tensors attach to (the adapted layers' [in, out], a baseline adapter's side, a prefix's sizes;
+    works on a model on the meta device)."""
     config = getattr(model, "config", None)
     family = getattr(config, "family", None) or getattr(config, "model_type", None)
-    if isinstance(cfg, PrefixConfig):
+    if isinstance(cfg, InterLoRAConfig):  # the adapted layers' [in, out], no tensor read
+        shapes = {name: [m.base.in_features, m.base.out_features]
+                  for name, m in model.named_modules() if isinstance(m, interlora.InterLoRALinear)}
+    elif isinstance(cfg, PrefixConfig):
         prefix = model.prefix_tuning
         shapes = {"prefix": {"layers": prefix.n_layer, "kv_heads": prefix.n_kv_heads, "head_dim": prefix.head_dim}}
     elif isinstance(cfg, AdapterConfig):
         shapes = {name: [m.base.in_features, m.base.out_features, m.side]
                   for name, m in model.named_modules() if isinstance(m, baselines.SeriesAdapter)}
-    else:
-        shapes = {name: [m.base.in_features, m.base.out_features] for name, m in
-                  model.named_modules() if isinstance(m, interlora.InterLoRALinear)}
     return {"class": type(model).__name__, "family": family, "shapes": shapes}
 
 
@@ -168,11 +169,11 @@ def load_adapter(model, path):
     """
     payload = read_adapter(path)
     method = payload["method"]
+    check_base(model, path, payload)  # one message for every method, before any tensor is copied
     if method not in BASELINES:
         cfg = InterLoRAConfig(**payload["config"])
         add_adapters(model, cfg)
         try:
-            _check_base(path, payload, _base_description(model, cfg))
             params = {n: p for n, p in model.named_parameters() if is_adapter_parameter(n)}
             copy_tensors(path, params, payload["tensors"])
         except AdapterError:
@@ -185,7 +186,6 @@ def load_adapter(model, path):
         raise AdapterError(f"{path}: the {method} config {payload['config']} does not fit this version ({e})") from None
     add_adapters(model, cfg)
     try:
-        _check_base(path, payload, _base_description(model, cfg))
         params = {n: p for n, p in model.named_parameters() if is_adapter_parameter(n)}
         copy_tensors(path, params, payload["tensors"])
     except AdapterError:
@@ -194,21 +194,53 @@ def load_adapter(model, path):
     return cfg, payload["info"]
 
 
+def check_base(model, path, payload=None):
+    """Refuse the adapter file `path` for `model` when it was made for another base; the model is
+    left as it was. Works on a model built on the meta device (eval.py checks before any weight
+    is read)."""
+    payload = payload or read_adapter(path)
+    method = payload["method"]
+    try:
+        cfg = (BASELINES[method] if method in BASELINES else InterLoRAConfig)(**payload["config"])
+    except TypeError as e:
+        raise AdapterError(f"{path}: the {method} config {payload['config']} does not fit this "
+                           f"version ({e})") from None
+    add_adapters(model, cfg)
+    try:
+        base = _base_description(model, cfg)
+        _check_base(path, payload, base)
+    finally:
+        remove_adapters(model)
+
+
 def _check_base(path, payload, base):
+    """Refuse a base other than the adapter's, saying which model it was made for and what to do."""
     if "base" not in payload:  # written by interlora.save_adapter: the tensors' shapes decide
         return
     saved, trained_on = payload["base"], payload["info"].get("model")
-    hint = f"load it onto {trained_on}, the model it was trained on" if trained_on else \
-        "load it onto the model it was trained on"
+    hint = (f"load it onto {trained_on}, the model it was trained on (eval.py --model {trained_on})"
+            if trained_on else "load it onto the model it was trained on")
+    made_for = f"{path} was made for another base model" + (f", {trained_on}" if trained_on else "")
     prefix, found = saved["shapes"].get("prefix"), base["shapes"].get("prefix")
     if prefix and found and prefix != found:
-        raise AdapterError(f"{path} was made for another base model: its prefix holds keys and values for "
-                           f"{prefix['layers']} layers of {prefix['kv_heads']} heads x {prefix['head_dim']}, this "
-                           f"model has {found['layers']} layers of {found['kv_heads']} x {found['head_dim']}: {hint}")
-    for key in ("class", "family", "shapes"):
+        raise AdapterError(f"{made_for}: its prefix holds keys and values for {prefix['layers']} "
+                           f"layers of {prefix['kv_heads']} heads x {prefix['head_dim']}, this "
+                           f"model has {found['layers']} layers of {found['kv_heads']} x "
+                           f"{found['head_dim']}: {hint}")
+    for key in ("class", "family"):
         if saved[key] != base[key]:
-            raise AdapterError(f"{path} was made for another base model: its {key} is {saved[key]}, this model's "
-                               f"is {base[key]}"[:400] + f": {hint}")
+            raise AdapterError(f"{made_for}: its base {key} is {saved[key]}, this model's is "
+                               f"{base[key]}: {hint}")
+    ours, theirs = base["shapes"], saved["shapes"]
+    for name in sorted(ours.keys() | theirs.keys()):
+        if ours.get(name) != theirs.get(name):
+            if name not in ours:
+                what = f"it adapts {name}, which this model does not have"
+            elif name not in theirs:
+                what = f"this model has {name}, which it does not adapt"
+            else:
+                what = f"its {name} is {theirs[name]} wide (in, out), this model's {ours[name]}"
+            raise AdapterError(f"{made_for} ({len(theirs)} adapted layers): {what}: {hint}")
 
 
 def merge(model):

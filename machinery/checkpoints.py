@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 
 from model import PRESETS, RANDOM_PRESETS, SHAPE_FIELDS, CheckpointError, ModelConfig, Transformer
+from machinery import checks
+from machinery.checks import rule
 from machinery.quantize import QUANTIZE_KINDS, Quantizer, quantize_model
 
 
@@ -67,47 +69,108 @@ class StoredTensor(NamedTuple):
         return buffer.view(self.dtype).as_strided(self.shape, self.stride)
 
 
+# The safetensors library's rules for a header (safetensors 0.8, what transformers reads with):
+# at most 100 MB of header; a JSON object of {name: {dtype, shape, data_offsets}} and an optional
+# "__metadata__" of {str: str}; shapes and offsets whole numbers; each tensor's bytes exactly
+# its shape's, and the tensors in offset order covering the data from its first byte to its last
+# with no overlap and no gap ("invalid offset" otherwise).
+SAFETENSORS_MAX_HEADER = 100_000_000
+# dtypes the library knows that model.py's loader does not read (8-bit floats and smaller,
+# unsigned above 8 bits, complex)
+_SAFETENSORS_UNREAD = ("F4", "F6_E2M3", "F6_E3M2", "F8_E5M2", "F8_E4M3", "F8_E8M0", "U16", "U32",
+                       "U64", "C64")
+_SAFETENSORS_ADVICE = "the file is corrupt or not made by a safetensors writer; download it again"
+_TENSOR_ENTRY = {"dtype": rule(str, required=True), "shape": rule(list, required=True),
+                 "data_offsets": rule(list, required=True)}
+
+
+def read_safetensors_header(path):
+    """(header {name: entry}, where the data begins) of a .safetensors file, every rule above
+    checked; a CheckpointError names the first broken one. Reads the header only."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is not a valid .safetensors file ({size} bytes, "
+                                  f"expected an 8-byte header length first): "
+                                  f"{_SAFETENSORS_ADVICE}")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > min(size - 8, SAFETENSORS_MAX_HEADER):
+            what = (f"more than {SAFETENSORS_MAX_HEADER:,}" if header_len > SAFETENSORS_MAX_HEADER
+                    else f"past the end of a {size}-byte file")
+            raise CheckpointError(f"{path} is not a valid .safetensors file (a header of "
+                                  f"{header_len:,} bytes, {what}): it may be truncated; "
+                                  "download it again")
+        raw = f.read(header_len)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: the header is not UTF-8 ({e.reason} at byte {8 + e.start})"
+                              f": {_SAFETENSORS_ADVICE}") from None
+    header = checks.parse_json(text, f"{path}: the header", CheckpointError, _SAFETENSORS_ADVICE)
+    data_start, entries = 8 + header_len, []
+    for name, info in header.items():
+        if name == "__metadata__":
+            checks.check_mapping(path, "__metadata__", info, rule(str), rule(str),
+                                 CheckpointError, _SAFETENSORS_ADVICE)
+            continue
+        where = f"{path}: tensor {name}"
+        if not isinstance(info, dict):
+            raise CheckpointError(f"{where}: its header entry is {checks.found(info)}, expected "
+                                  f"{{dtype, shape, data_offsets}}: {_SAFETENSORS_ADVICE}")
+        checks.check_fields(where, info, _TENSOR_ENTRY, CheckpointError, _SAFETENSORS_ADVICE)
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in _SAFETENSORS_DTYPES:
+            known = ", ".join(_SAFETENSORS_DTYPES)
+            why = ("a safetensors type this loader does not read" if dtype in _SAFETENSORS_UNREAD
+                   else "no safetensors type")
+            raise CheckpointError(f"{where}: dtype {dtype!r} is {why} (expected one of {known}):"
+                                  " use the model's original fp32/fp16/bf16 weights")
+        whole = rule(int, low=0, high=1 << 62)
+        checks.check_list(where, "shape", shape, whole, CheckpointError, _SAFETENSORS_ADVICE)
+        checks.check_list(where, "data_offsets", offsets, whole, CheckpointError,
+                          _SAFETENSORS_ADVICE)
+        if len(offsets) != 2 or offsets[0] > offsets[1]:
+            raise CheckpointError(f"{where}: data_offsets is {offsets}, expected [begin, end] with "
+                                  f"begin <= end: {_SAFETENSORS_ADVICE}")
+        begin, end = offsets
+        nbytes = math.prod(shape) * _SAFETENSORS_DTYPES[dtype].itemsize
+        if end - begin != nbytes:
+            raise CheckpointError(f"{where} is {dtype} {shape} ({nbytes} bytes) but its "
+                                  f"data_offsets [{begin}, {end}] hold {end - begin}: "
+                                  f"{_SAFETENSORS_ADVICE}")
+        entries.append((begin, end, name))
+    covered = 0  # the library's check: sorted by offsets, each tensor starts where the last ended
+    for begin, end, name in sorted(entries):
+        if begin != covered:
+            what = (f"overlaps the bytes before {covered}" if begin < covered
+                    else f"leaves bytes {covered} to {begin} to no tensor")
+            raise CheckpointError(f"{path}: invalid offset for tensor {name}: it begins at {begin} "
+                                  f"and {what}, expected tensors laid end to end: "
+                                  f"{_SAFETENSORS_ADVICE}")
+        covered = end
+    if data_start + covered > size:
+        raise CheckpointError(f"{path} is truncated: its tensors end at byte "
+                              f"{data_start + covered} of a {size}-byte file; download it again")
+    if data_start + covered < size:
+        raise CheckpointError(f"{path}: {size - data_start - covered} bytes after the last tensor "
+                              f"belong to none (the header covers {covered} of "
+                              f"{size - data_start}): {_SAFETENSORS_ADVICE}")
+    return header, data_start
+
+
 def index_safetensors(path):
     """{name: StoredTensor} of a .safetensors file: an 8-byte little-endian header length, a JSON
     header of {name: {dtype, shape, data_offsets}}, then the raw bytes. Reads the header only."""
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                raise ValueError(f"header of {header_len} bytes in a {size}-byte file")
-            header = json.loads(f.read(header_len))
-        if not isinstance(header, dict):
-            raise ValueError("the header is no JSON object")
-    except (struct.error, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not a valid .safetensors file ({e}): it may be truncated; "
-                              "download it again") from None
-    data_start = 8 + header_len
+    header, data_start = read_safetensors_header(path)
     tensors = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
-            raise CheckpointError(f"{path}: the header entry of {name} is not {{dtype, shape, data_offsets}}: "
-                                  "the file is corrupt; download it again")
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        dtype, shape, offsets = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"]
-        if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2
-                and all(isinstance(n, int) and n >= 0 for n in shape + offsets)):
-            raise CheckpointError(f"{path}: tensor {name} has shape {shape} and data_offsets {offsets}: expected "
-                                  "lists of non-negative integers; the file is corrupt, download it again")
-        begin, end = offsets
-        nbytes = math.prod(shape) * dtype.itemsize
-        if end - begin != nbytes:
-            raise CheckpointError(f"{path}: tensor {name} is {info['dtype']} {shape} ({nbytes} bytes) but its "
-                                  f"data_offsets [{begin}, {end}] hold {end - begin}: the file is corrupt; "
-                                  "download it again")
-        if data_start + end > size:
-            raise CheckpointError(f"{path} is truncated: tensor {name} ends at byte {data_start + end} "
-                                  f"of a {size}-byte file; download it again")
+        shape = info["shape"]
         stride = torch.empty(shape, device="meta").stride()  # row-major, as safetensors stores them
-        tensors[name] = StoredTensor(path, data_start + begin, dtype, tuple(shape), stride)
+        tensors[name] = StoredTensor(path, data_start + info["data_offsets"][0],
+                                     _SAFETENSORS_DTYPES[info["dtype"]], tuple(shape), stride)
     return tensors
 
 
@@ -155,13 +218,8 @@ def index_weights(path):
 # ----------------------------------------------------------------------------- configs
 
 def _read_json(path):
-    try:
-        values = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:  # json's errors are ValueErrors
-        raise CheckpointError(f"{path} is not valid JSON ({e}): repair it or download it again") from None
-    if not isinstance(values, dict):
-        raise CheckpointError(f"{path} holds {type(values).__name__}, expected a JSON object of settings")
-    return values
+    """A config or index file: JSON, an object at the top, nested no deeper than checks allows."""
+    return checks.load_json(path, CheckpointError, "repair it or download it again")
 
 
 def _positive_int(values, key, path):
@@ -175,6 +233,54 @@ def _positive_int(values, key, path):
 # Every field of Meta's params.json (LLaMA 1, 2, 3); anything else is refused rather than ignored.
 _META_FIELDS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier",
                 "norm_eps", "rope_theta", "max_seq_len", "max_batch_size", "use_scaled_rope"}
+
+
+# Types and ranges of the fields read, checked before a model is built or a folder made. The
+# bounds are far past every released model (widths to 2^16, 1,024 layers, 2^21 tokens of context)
+# and keep a damaged file from building a model that hangs or a width that divides by zero.
+_WIDTH, _LAYERS, _VOCAB, _CONTEXT = 1 << 16, 1024, 1 << 22, 1 << 21
+_EPS = rule(float, low=1e-12, high=0.1)
+_THETA, _ID = rule(float, low=1, high=1e12), rule(int, low=0, high=_VOCAB, none_ok=True)
+_EOS = rule(int, list, low=0, high=_VOCAB, none_ok=True)  # a list's ids are checked below
+
+
+def _count(high, none_ok=False, low=1):
+    return rule(int, low=low, high=high, none_ok=none_ok)
+
+
+_META_RULES = {"dim": _count(_WIDTH), "n_layers": _count(_LAYERS), "n_heads": _count(_WIDTH),
+               "n_kv_heads": _count(_WIDTH, none_ok=True), "vocab_size": _count(_VOCAB, low=-1),
+               "multiple_of": _count(_WIDTH), "norm_eps": _EPS, "rope_theta": _THETA,
+               "ffn_dim_multiplier": rule(float, low=0.01, high=100, none_ok=True),
+               "max_seq_len": _count(_CONTEXT), "max_batch_size": rule(int, low=1),
+               "use_scaled_rope": rule(bool, none_ok=True)}
+_HF_RULES = {
+    "llama": {"hidden_size": _count(_WIDTH), "num_hidden_layers": _count(_LAYERS),
+              "num_attention_heads": _count(_WIDTH), "num_key_value_heads": _count(_WIDTH, True),
+              "intermediate_size": _count(16 * _WIDTH), "vocab_size": _count(_VOCAB),
+              "rms_norm_eps": _EPS, "rope_theta": _THETA,
+              "max_position_embeddings": _count(_CONTEXT),
+              "bos_token_id": _ID, "eos_token_id": _EOS, "head_dim": _count(_WIDTH, True)},
+    "gptj": {"n_embd": _count(_WIDTH), "n_layer": _count(_LAYERS), "n_head": _count(_WIDTH),
+             "n_inner": _count(16 * _WIDTH, True), "rotary_dim": _count(_WIDTH, True, low=2),
+             "vocab_size": _count(_VOCAB), "layer_norm_epsilon": _EPS,
+             "n_positions": _count(_CONTEXT),
+             "bos_token_id": _ID, "eos_token_id": _EOS},
+}
+# Mistral and Qwen2 read LLaMA's fields; Mistral's window is a count of tokens
+_HF_RULES["mistral"] = {**_HF_RULES["llama"], "sliding_window": _count(_CONTEXT, True)}
+_HF_RULES["qwen2"] = _HF_RULES["llama"]
+_CONFIG_ADVICE = "repair the file or download it again"
+
+
+def _check_heads(path, dim, n_head, n_kv_heads, names):
+    """Heads must split the width, and key/value heads the heads (grouped-query attention)."""
+    if dim % n_head:
+        raise CheckpointError(f"{path}: {names[0]} {dim} is not a multiple of {names[1]} {n_head}: "
+                              f"{_CONFIG_ADVICE}")
+    if n_kv_heads and (n_kv_heads > n_head or n_head % n_kv_heads):
+        raise CheckpointError(f"{path}: {names[1]} {n_head} is not a multiple of {names[2]} "
+                              f"{n_kv_heads}: {_CONFIG_ADVICE}")
 
 
 def _meta_shard_files(folder):
@@ -196,9 +302,9 @@ def _meta_config(folder):
     if unknown:
         raise CheckpointError(f"{path}: {unknown[0]} = {json.dumps(params[unknown[0]])} is a field this loader "
                               "does not know, so it cannot promise to run the model exactly")
-    if params.get("use_scaled_rope") not in (None, True, False):
-        raise CheckpointError(f"{path}: use_scaled_rope = {json.dumps(params['use_scaled_rope'])}, "
-                              "expected true or false")
+    checks.check_fields(path, params, _META_RULES, CheckpointError, _CONFIG_ADVICE)
+    _check_heads(path, _positive_int(params, "dim", path), _positive_int(params, "n_heads", path),
+                 params.get("n_kv_heads"), ("dim", "n_heads", "n_kv_heads"))
     # Meta's FFN width: 2/3 of 4*dim, times an optional multiplier, rounded up to multiple_of
     dim = _positive_int(params, "dim", path)
     ffn_dim = int(2 * 4 * dim / 3)
@@ -294,6 +400,15 @@ def _hf_config(folder):
                               "expected one "
                               f"of {', '.join(_HF_TYPES)}")
     name = {"llama": "LLaMA", "mistral": "Mistral", "qwen2": "Qwen2", "gptj": "GPT-J"}[kind]
+
+    checks.check_fields(path, hf, _HF_RULES[kind], CheckpointError, _CONFIG_ADVICE)
+    if kind != "gptj":
+        names = ("hidden_size", "num_attention_heads", "num_key_value_heads")
+        _check_heads(path, _positive_int(hf, names[0], path), _positive_int(hf, names[1], path),
+                     hf.get(names[2]), names)
+    else:
+        _check_heads(path, _positive_int(hf, "n_embd", path), _positive_int(hf, "n_head", path),
+                     None, ("n_embd", "n_head", ""))
 
     def refuse(field, why):
         raise CheckpointError(f"{path}: {field} = {json.dumps(hf[field])} is not supported "
@@ -493,6 +608,12 @@ def _hf_weight_files(folder):
             weight_map = _read_json(folder / index_name).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{folder / index_name} has no weight_map: download it again")
+            checks.check_mapping(folder / index_name, "weight_map", weight_map, rule(str),
+                                 rule(str), CheckpointError, "download it again")
+            outside = [name for name in weight_map.values() if Path(name).name != name]
+            if outside:  # the shards are files of this folder, never a path elsewhere
+                raise CheckpointError(f"{folder / index_name}: weight_map names {outside[0]!r}, "
+                                      "expected a file name in the folder: download it again")
             files = [folder / name for name in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in files if not f.exists()]
             if missing:

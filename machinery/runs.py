@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from machinery import checks
+
 
 class RunError(ValueError):
     """A bad setting, folder or file, or a failed write: the message is the one line the user sees."""
@@ -84,6 +86,7 @@ def settings_from_command_line(settings_class, description, argv=None):
                                   ("below", lambda v, b: v >= b, "below")):
             if key in bounds and fails(value, bounds[key]):
                 raise RunError(f"--{f.name} {value}: expected a value {words} {bounds[key]}")
+    checks.check_flag_table(settings, RunError)  # the highs (and lows) of machinery/checks.py
     return settings
 
 
@@ -301,7 +304,7 @@ def read_json(path, what):
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except PermissionError:
         raise RunError(f"cannot read {path}: permission denied") from None
-    except (ValueError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # also nested past the limit
         raise RunError(f"{path} is corrupt ({e}): {what}") from None
 
 
@@ -337,7 +340,7 @@ class JsonLines:
         for number, line in enumerate(lines, 1):
             try:
                 record = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # a cut line, garbage, or nesting past the limit
                 record = None
             if is_record(record):
                 records.append(record)

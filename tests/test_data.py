@@ -109,13 +109,14 @@ def test_read_items_errors(tmp_path):
     no_answer = tmp_path / "no_answer.json"
     no_answer.write_text(json.dumps([FAKE_ITEMS[0], {k: v for k, v in FAKE_ITEMS[1].items() if k != "answer"}]))
     message = one_line_error(read_items, no_answer)
-    assert str(no_answer) in message and "item 1" in message and "answer missing" in message
+    assert str(no_answer) in message and "item 1" in message and "answer is missing" in message
     not_list = tmp_path / "not_list.json"
     not_list.write_text(json.dumps({"instruction": "x"}))
     assert "expected a JSON list" in one_line_error(read_items, not_list)
     number = tmp_path / "number.json"
     number.write_text(json.dumps([{**FAKE_ITEMS[0], "answer": 4}]))
-    assert "item 0" in one_line_error(read_items, number) and "answer is int" in one_line_error(read_items, number)
+    message = one_line_error(read_items, number)
+    assert "item 0" in message and "answer is 4 (int)" in message
     # input may be left out: it means no input
     no_input = tmp_path / "no_input.json"
     no_input.write_text(json.dumps([{k: v for k, v in FAKE_ITEMS[0].items() if k != "input"}]))
