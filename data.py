@@ -678,7 +678,9 @@ def math_answer(dataset, answer, where=None):
 
 
 def main(argv=None):
-    from machinery.download import BASE_URL, download  # the download code (it imports this module)
+    # the download code imports this module as `data`: run as a script, this file is `__main__`,
+    # and its DataError is another class than the one the download code raises
+    from machinery.download import BASE_URL, DataError as DownloadError, download
 
     parser = runs.OneLineParser(description="Fetch the LLM-Adapters data files the tasks use.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -686,14 +688,16 @@ def main(argv=None):
     fetch.add_argument("--data_dir", default="data", help="where to put dataset/ and ft-training_set/ (default: data)")
     fetch.add_argument("--task", default="all", choices=["math", "commonsense", "all"],
                        help="which task's training and test files (default: all)")
-    fetch.add_argument("--base_url", default=BASE_URL, help="a copy of the repository at commit 8166572")
+    fetch.add_argument("--base_url", default=BASE_URL,
+                       help="the repository at commit 8166572: a URL, or a local copy (a "
+                       "folder, or a file:// URL) laid out as the repository is")
     fetch.add_argument("--timeout", type=runs.float_flag, default=60,
                        help="seconds to wait for the server (default: 60)")
 
     def command(argv):
         args = parser.parse_args(argv)
         download(args.data_dir, args.task, args.base_url, args.timeout)
-    runs.run_command(command, argv, errors=(DataError,))
+    runs.run_command(command, argv, errors=(DataError, DownloadError))
 
 
 if __name__ == "__main__":
