@@ -612,6 +612,18 @@ def tokenize_item(tokenizer, item, cutoff_len=256, train_on_inputs=True):
     return input_ids, labels
 
 
+def truncation_note(examples, cutoff_len, eos_id):
+    """One line saying how many training items cutoff_len cuts (None if none): a cut item has
+    no EOS, so a run where most are cut never shows the model where an answer ends."""
+    # tokenize_item appends EOS whenever it fits: a full-length item without it was cut
+    cut = sum(len(ids) == cutoff_len and ids[-1] != eos_id for ids, _ in examples)
+    if not cut:
+        return None
+    return (f"note: {cut:,} of {len(examples):,} training items ({cut / len(examples):.0%}) are "
+            f"longer than --cutoff_len {cutoff_len} tokens and are cut there, without EOS: "
+            "a larger --cutoff_len keeps more of them whole")
+
+
 def collate(examples, pad_id):
     """Right-pad [(input_ids, labels), ...] for training: (input_ids, labels, attention_mask), each (B, T)."""
     lengths = torch.tensor([len(ids) for ids, _ in examples])  # (B,)

@@ -18,7 +18,8 @@ from conftest import SHARED_DATA, run, shared_path, write_tiny_task
 from machinery import download as fetching
 from machinery.download import download
 from data import (COMMONSENSE_DATASETS, MATH_DATASETS, ByteTokenizer, DataError, collate, extract_answer,
-                  generate_prompt, is_correct, load_task, main, read_items, tokenize_item)
+                  generate_prompt, is_correct, load_task, main, read_items, tokenize_item,
+                  truncation_note)
 
 # SPEC §3: the only sizes consistent with every accuracy in the paper's Table 1
 MATH_TEST_SIZES = {"AQuA": 51, "AddSub": 79, "MultiArith": 110, "SVAMP": 200, "SingleEq": 102, "gsm8k": 264}
@@ -167,6 +168,42 @@ def test_tokenize_item_masks_the_prompt():
     # a cutoff inside the prompt masks everything
     input_ids, labels = tokenize_item(tokenizer, item, cutoff_len=20, train_on_inputs=False)
     assert len(input_ids) == 20 and labels == [-100] * 20
+
+
+def test_the_readme_prompt_and_cutoff_figures_for_the_byte_tokenizer(adapters_dir):
+    """The Quickstart's figures, counted from the UTF-8 bytes (one byte a token, plus BOS)."""
+    assert 1 + len(generate_prompt("", "").encode("utf-8")) == 193  # the prompt's fixed part
+    lengths = sorted(1 + len(generate_prompt(i["instruction"], i["input"], i["output"]).encode())
+                     for i in load_task("math", adapters_dir, datasets=[]).train)
+    assert (len(lengths), lengths[0], lengths[len(lengths) // 2], lengths[-1]) == (3260, 327, 566, 1539)
+    assert sum(n >= 1024 for n in lengths) == 48  # cut at 1024: items of 1024 tokens or more
+
+
+@pytest.mark.parametrize("cutoff_len", [100, 250, 260, 2000])
+def test_truncation_note_counts_the_items_cut(tmp_path, cutoff_len, capsys):
+    import train as train_script  # the note as a training run prints it
+    data_dir = write_tiny_task(tmp_path / "data")
+    training_file = data_dir / "ft-training_set" / "math_data.json"
+    items = json.loads(training_file.read_text())
+    items = [dict(item, output=item["output"] + " Why:" + " so" * i) for i, item in enumerate(items)]
+    training_file.write_text(json.dumps(items))
+    lengths = [1 + len(generate_prompt(i["instruction"], i["input"], i["output"]).encode())
+               for i in items]
+    assert 260 in lengths  # an item of exactly cutoff_len tokens loses only its EOS: cut too
+    cut = sum(n >= cutoff_len for n in lengths)
+    tokenizer = ByteTokenizer()
+    note = truncation_note([tokenize_item(tokenizer, i, cutoff_len) for i in items], cutoff_len,
+                           tokenizer.eos_id)
+    if cut == 0:
+        assert note is None
+    else:
+        assert note.startswith(f"note: {cut:,} of {len(items):,} training items")
+        assert f"--cutoff_len {cutoff_len} tokens" in note and "\n" not in note
+    train_script.main(["--model", "tiny", "--task", "math", "--max_steps", "1", "--device", "cpu",
+                       "--micro_batch_size", "1", "--grad_accum", "1", "--cutoff_len",
+                       str(cutoff_len), "--data_dir", str(data_dir), "--out_dir", str(tmp_path / "o")])
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert printed == ([note] if note else [])
 
 
 def test_collate_pads_right():
