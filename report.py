@@ -236,6 +236,12 @@ def alpha_limits(values):
     return (low * 1.1, high * 1.1) if high > low else (-1.0, 1.0)
 
 
+def legend_below(figure, lines):
+    """One legend for the lines of both y axes, under the plot: inside it, the twin axis (drawn
+    last) would cover it, and it would cover the curves."""
+    figure.legend(handles=lines, loc="outside lower center", ncols=len(lines))
+
+
 def figures(statistics, steps, logs):
     """{name: matplotlib figure} of every picture. Gates live in [0, 1] (a sigmoid, or a fraction
     of zeros), so their axes and colour scales are 0 to 1 on every picture: two maps compare by
@@ -257,7 +263,7 @@ def figures(statistics, steps, logs):
         figure.colorbar(image, ax=axes, label="gate (one 0-1 scale on every map)")
         drawn[f"heads-{role}"] = figure
     for role, layers in everything["ffn"].items():
-        figure, axes = plt.subplots(figsize=PICTURE_SIZE)
+        figure, axes = plt.subplots(figsize=PICTURE_SIZE, layout="constrained")
         index = [layer["layer"] for layer in layers]
         lines = axes.plot(index, [layer["zero_fraction"] for layer in layers], "o-",
                           color="tab:blue", label="fraction of gates exactly 0")
@@ -271,11 +277,11 @@ def figures(statistics, steps, logs):
             twin.yaxis.label.set_color("tab:red")
             twin.ticklabel_format(axis="y", useOffset=False)
         axes.set_xticks(index)
-        axes.legend(handles=lines, loc="upper left")  # both axes' lines in one legend
+        legend_below(figure, lines)
         drawn[f"ffn-{role}"] = figure
     logged = [r for r in steps if "gates" in r]
     if logged:
-        figure, axes = plt.subplots(figsize=PICTURE_SIZE)
+        figure, axes = plt.subplots(figsize=PICTURE_SIZE, layout="constrained")
         axes.set(xlabel="step", ylabel="gate, or fraction of FFN gates exactly 0", ylim=(0, 1),
                  title="gates over training (one batch per logged step)")
         step_numbers, lines, twin, alphas = [r["step"] for r in logged], [], None, []
@@ -293,15 +299,14 @@ def figures(statistics, steps, logs):
         if twin is not None:
             twin.set(ylabel="α (dashed)", ylim=alpha_limits(alphas))
             twin.ticklabel_format(axis="y", useOffset=False)
-        axes.legend(handles=lines, loc="upper left")
+        legend_below(figure, lines)
         drawn["gates-over-steps"] = figure
     figure, (loss_axes, lr_axes) = plt.subplots(2, 1, figsize=PICTURE_SIZE, sharex=True)
     for folder_of_run, records in logs:
         step_numbers = [r["step"] for r in records]
-        loss_axes.plot(step_numbers, [r["loss"] for r in records], marker=marker(len(records)),
-                       label=folder_of_run.name)
-        lr_axes.plot(step_numbers, [r["lr"] for r in records], marker=marker(len(records)),
-                     label=folder_of_run.name)
+        style = dict(marker=marker(len(records)), markersize=3, label=folder_of_run.name)
+        loss_axes.plot(step_numbers, [r["loss"] for r in records], **style)
+        lr_axes.plot(step_numbers, [r["lr"] for r in records], **style)
     loss_axes.set(ylabel="loss", title="training loss")
     lr_axes.set(xlabel="step", ylabel="learning rate")
     lr_axes.set_ylim(bottom=0)

@@ -48,8 +48,10 @@ def drawn():
         plt.close(figure)
 
 
-def legend_labels(axes):
-    return [text.get_text() for text in axes.get_legend().get_texts()]
+def legend_labels(figure):
+    """The labels of the figure's one legend (below the plot, for both y axes' lines)."""
+    assert len(figure.legends) == 1 and all(a.get_legend() is None for a in figure.axes)
+    return [text.get_text() for text in figure.legends[0].get_texts()]
 
 
 def curves(figure):
@@ -74,7 +76,7 @@ def test_the_ffn_picture_has_its_alpha_in_the_legend_on_an_axis_from_0(drawn):
     axes, twin = figure.axes
     assert axes.get_ylim() == (0, 1)
     assert twin.get_ylim()[0] == 0 and twin.get_ylim()[1] >= max(ALPHAS)
-    assert legend_labels(axes) == ["fraction of gates exactly 0", "α"]
+    assert legend_labels(figure) == ["fraction of gates exactly 0", "α"]
     assert curves(figure) == {"fraction of gates exactly 0": ([0, 1], ZERO_FRACTIONS),
                               "α": ([0, 1], ALPHAS)}
     # a 2% change in α spans at most 3% of its axis, not all of it
@@ -82,7 +84,7 @@ def test_the_ffn_picture_has_its_alpha_in_the_legend_on_an_axis_from_0(drawn):
     assert (ALPHAS[1] - ALPHAS[0]) / (high - low) < 0.03
     # a variant without α (InterLoRA*) has the zero fraction alone
     figure = drawn(statistics(alpha=False), [], RUN)["ffn-down"]
-    assert len(figure.axes) == 1 and legend_labels(figure.axes[0]) == ["fraction of gates exactly 0"]
+    assert len(figure.axes) == 1 and legend_labels(figure) == ["fraction of gates exactly 0"]
 
 
 @pytest.mark.parametrize("steps", [1, 3])
@@ -92,7 +94,7 @@ def test_gates_over_steps_shows_every_logged_step_alpha_included(drawn, steps):
     figure = figures["gates-over-steps"]
     axes, twin = figure.axes
     assert axes.get_ylim() == (0, 1) and twin.get_ylim()[0] == 0
-    assert legend_labels(axes) == ["q_gate", "v_gate", "down_zero_fraction", "down_alpha"]
+    assert legend_labels(figure) == ["q_gate", "v_gate", "down_zero_fraction", "down_alpha"]
     step_numbers = [r["step"] for r in records]
     assert curves(figure) == {key: (step_numbers, [r["gates"][key] for r in records])
                               for key in records[0]["gates"]}
