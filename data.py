@@ -801,6 +801,18 @@ def tokenize_item(tokenizer, item, cutoff_len=256, train_on_inputs=True):
     return input_ids, labels
 
 
+def truncation_note(examples, cutoff_len, eos_id):
+    """One line saying how many training items cutoff_len cuts (None if none): a cut item has
+    no EOS, so a run where most are cut never shows the model where an answer ends."""
+    # tokenize_item appends EOS whenever it fits: a full-length item without it was cut
+    cut = sum(len(ids) == cutoff_len and ids[-1] != eos_id for ids, _ in examples)
+    if not cut:
+        return None
+    return (f"note: {cut:,} of {len(examples):,} training items ({cut / len(examples):.0%}) are "
+            f"longer than --cutoff_len {cutoff_len} tokens and are cut there, without EOS: "
+            "a larger --cutoff_len keeps more of them whole")
+
+
 def collate(examples, pad_id):
     """Right-pad [(input_ids, labels), ...] for training: (input_ids, labels, attention_mask), each (B, T)."""
     lengths = torch.tensor([len(ids) for ids, _ in examples])  # (B,)
@@ -867,7 +879,9 @@ def math_answer(dataset, answer, where=None):
 
 
 def main(argv=None):
-    from machinery.download import BASE_URL, download  # the download code (it imports this module)
+    # the download code imports this module as `data`: run as a script, this file is `__main__`,
+    # and its DataError is another class than the one the download code raises
+    from machinery.download import BASE_URL, DataError as DownloadError, download
 
     parser = runs.OneLineParser(description="Fetch the LLM-Adapters data files the tasks use.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -875,14 +889,16 @@ def main(argv=None):
     fetch.add_argument("--data_dir", default="data", help="where to put dataset/ and ft-training_set/ (default: data)")
     fetch.add_argument("--task", default="all", choices=["math", "commonsense", "all"],
                        help="which task's training and test files (default: all)")
-    fetch.add_argument("--base_url", default=BASE_URL, help="a copy of the repository at commit 8166572")
+    fetch.add_argument("--base_url", default=BASE_URL,
+                       help="the repository at commit 8166572: a URL, or a local copy (a "
+                       "folder, or a file:// URL) laid out as the repository is")
     fetch.add_argument("--timeout", type=runs.float_flag, default=60,
                        help="seconds to wait for the server (default: 60)")
 
     def command(argv):
         args = parser.parse_args(argv)
         download(args.data_dir, args.task, args.base_url, args.timeout)
-    runs.run_command(command, argv, errors=(DataError,))
+    runs.run_command(command, argv, errors=(DataError, DownloadError))
 
 
 if __name__ == "__main__":

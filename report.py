@@ -216,65 +216,105 @@ def draw(folder, statistics, steps, logs):
     import matplotlib.pyplot as plt
 
     written = []
-
-    def save(figure, name):
+    for name, figure in figures(statistics, steps, logs).items():
         for suffix in ("png", "svg"):
             picture = io.BytesIO()  # drawn in memory, then written atomically like every output
             figure.savefig(picture, format=suffix, dpi=100)
-            runs.write_atomically(folder / f"{name}.{suffix}", lambda f: f.write(picture.getvalue()), binary=True)
+            runs.write_atomically(folder / f"{name}.{suffix}",
+                                  lambda f: f.write(picture.getvalue()), binary=True)
             written.append(f"{name}.{suffix}")
         plt.close(figure)
+    return written
 
+
+def marker(points):
+    """A curve of a few points gets a dot at each (one logged step is a dot, not nothing)."""
+    return "o" if points <= 50 else None
+
+
+def alpha_limits(values):
+    """α's axis starts at 0 (or below, for a negative α): a 2% change must look like 2%."""
+    low, high = min(0.0, *values), max(0.0, *values)
+    return (low * 1.1, high * 1.1) if high > low else (-1.0, 1.0)
+
+
+def legend_below(figure, lines):
+    """One legend for the lines of both y axes, under the plot: inside it, the twin axis (drawn
+    last) would cover it, and it would cover the curves."""
+    figure.legend(handles=lines, loc="outside lower center", ncols=len(lines))
+
+
+def figures(statistics, steps, logs):
+    """{name: matplotlib figure} of every picture. Gates live in [0, 1] (a sigmoid, or a fraction
+    of zeros), so their axes and colour scales are 0 to 1 on every picture: two maps compare by
+    colour, and a small change looks small."""
+    import matplotlib.pyplot as plt
+
+    drawn = {}
     everything = statistics["all"]
     for role, layers in everything["heads"].items():
         figure, axes = plt.subplots(figsize=PICTURE_SIZE)
-        means = torch.tensor([layer["mean"] for layer in layers]).numpy()  # (layers, heads)
-        image = axes.imshow(means, aspect="auto", cmap="viridis", origin="lower",
+        means = torch.tensor([layer["mean"] for layer in layers], dtype=torch.float64)
+        means = means.numpy()  # (layers, heads), the values of gates.json exactly
+        image = axes.imshow(means, aspect="auto", cmap="viridis", origin="lower", vmin=0, vmax=1,
                             extent=(-0.5, means.shape[1] - 0.5, -0.5, means.shape[0] - 0.5))
         axes.set(xlabel="head", ylabel="layer", title=f"mean head gate on {role} (Eq. 5)")
         axes.set_yticks(range(means.shape[0]), [layer["layer"] for layer in layers])
         if means.shape[1] <= 64:
             axes.set_xticks(range(means.shape[1]))
-        figure.colorbar(image, ax=axes, label="gate")
-        save(figure, f"heads-{role}")
+        figure.colorbar(image, ax=axes, label="gate (one 0-1 scale on every map)")
+        drawn[f"heads-{role}"] = figure
     for role, layers in everything["ffn"].items():
-        figure, axes = plt.subplots(figsize=PICTURE_SIZE)
+        figure, axes = plt.subplots(figsize=PICTURE_SIZE, layout="constrained")
         index = [layer["layer"] for layer in layers]
-        axes.plot(index, [layer["zero_fraction"] for layer in layers], "o-", color="tab:blue")
-        axes.set(xlabel="layer", ylabel="fraction of gates exactly 0", title=f"FFN gate on {role} (Eq. 7)",
-                 ylim=(0, 1))
+        lines = axes.plot(index, [layer["zero_fraction"] for layer in layers], "o-",
+                          color="tab:blue", label="fraction of gates exactly 0")
+        axes.set(xlabel="layer", ylabel="fraction of gates exactly 0",
+                 title=f"FFN gate on {role} (Eq. 7)", ylim=(0, 1))
         if "alpha" in layers[0]:
+            alphas = [layer["alpha"] for layer in layers]
             twin = axes.twinx()
-            twin.plot(index, [layer["alpha"] for layer in layers], "s--", color="tab:red")
-            twin.set_ylabel("α", color="tab:red")
-            twin.ticklabel_format(useOffset=False)
+            lines += twin.plot(index, alphas, "s--", color="tab:red", label="α")
+            twin.set(ylabel="α", ylim=alpha_limits(alphas))
+            twin.yaxis.label.set_color("tab:red")
+            twin.ticklabel_format(axis="y", useOffset=False)
         axes.set_xticks(index)
-        save(figure, f"ffn-{role}")
+        legend_below(figure, lines)
+        drawn[f"ffn-{role}"] = figure
     logged = [r for r in steps if "gates" in r]
     if logged:
-        figure, axes = plt.subplots(figsize=PICTURE_SIZE)
-        for key in logged[0]["gates"]:
-            if not key.endswith("_alpha"):
-                axes.plot([r["step"] for r in logged], [r["gates"][key] for r in logged], label=key)
-        axes.set(xlabel="step", ylabel="gate", title="gates over training (one batch per logged step)")
-        alphas = [key for key in logged[0]["gates"] if key.endswith("_alpha")]
-        if alphas:
-            twin = axes.twinx()
-            for key in alphas:
-                twin.plot([r["step"] for r in logged], [r["gates"][key] for r in logged], "--", color="tab:red",
-                          label=key)
-            twin.set_ylabel("α", color="tab:red")
-        axes.legend(loc="upper left")
-        save(figure, "gates-over-steps")
+        figure, axes = plt.subplots(figsize=PICTURE_SIZE, layout="constrained")
+        axes.set(xlabel="step", ylabel="gate, or fraction of FFN gates exactly 0", ylim=(0, 1),
+                 title="gates over training (one batch per logged step)")
+        step_numbers, lines, twin, alphas = [r["step"] for r in logged], [], None, []
+        for colour, key in enumerate(logged[0]["gates"]):
+            values = [r["gates"][key] for r in logged]
+            if key.endswith("_alpha"):  # α is about 10, the gates below 1: its own axis
+                if twin is None:
+                    twin = axes.twinx()
+                alphas += values
+                lines += twin.plot(step_numbers, values, "--", marker=marker(len(values)),
+                                   color=f"C{colour}", label=key)
+            else:
+                lines += axes.plot(step_numbers, values, marker=marker(len(values)),
+                                   color=f"C{colour}", label=key)
+        if twin is not None:
+            twin.set(ylabel="α (dashed)", ylim=alpha_limits(alphas))
+            twin.ticklabel_format(axis="y", useOffset=False)
+        legend_below(figure, lines)
+        drawn["gates-over-steps"] = figure
     figure, (loss_axes, lr_axes) = plt.subplots(2, 1, figsize=PICTURE_SIZE, sharex=True)
     for folder_of_run, records in logs:
-        loss_axes.plot([r["step"] for r in records], [r["loss"] for r in records], label=folder_of_run.name)
-        lr_axes.plot([r["step"] for r in records], [r["lr"] for r in records], label=folder_of_run.name)
+        step_numbers = [r["step"] for r in records]
+        style = dict(marker=marker(len(records)), markersize=3, label=folder_of_run.name)
+        loss_axes.plot(step_numbers, [r["loss"] for r in records], **style)
+        lr_axes.plot(step_numbers, [r["lr"] for r in records], **style)
     loss_axes.set(ylabel="loss", title="training loss")
     lr_axes.set(xlabel="step", ylabel="learning rate")
+    lr_axes.set_ylim(bottom=0)
     loss_axes.legend()
-    save(figure, "loss")
-    return written
+    drawn["loss"] = figure
+    return drawn
 
 
 def main(argv=None):

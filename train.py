@@ -43,7 +43,8 @@ from machinery import fused  # noqa: E402
 from machinery import gates  # noqa: E402
 from machinery import memory  # noqa: E402
 from machinery import runs  # noqa: E402
-from data import TASKS, DataError, collate, load_task, tokenize_item, tokenizer_for  # noqa: E402
+from data import (TASKS, DataError, collate, load_task, tokenize_item, tokenizer_for,  # noqa: E402
+                  truncation_note)
 from machinery.memory import NotEnoughMemory  # noqa: E402
 from machinery.checkpoints import check_window, load_model, model_config  # noqa: E402
 from model import CheckpointError, Transformer  # noqa: E402
@@ -276,6 +277,8 @@ def train(s):
                         "(python data.py download)")
     tokenizer = tokenizer_for(folder)
     examples = [tokenize_item(tokenizer, item, s.cutoff_len, train_on_inputs=not s.mask_prompt) for item in task.train]
+    if cut := truncation_note(examples, s.cutoff_len, tokenizer.eos_id):
+        print(cut)
     runs.check_output_dir(s.out_dir)
     record = data_record(tokenizer, examples)
     if check_rerun(s, folder_state(s.out_dir), announce=False, record=record):

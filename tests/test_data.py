@@ -9,14 +9,17 @@ import shutil
 import socket
 import threading
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import shared_path
+from conftest import SHARED_DATA, run, shared_path, write_tiny_task
+from machinery import download as fetching
 from machinery.download import download
 from data import (COMMONSENSE_DATASETS, MATH_DATASETS, ByteTokenizer, DataError, collate, extract_answer,
-                  generate_prompt, is_correct, load_task, main, read_items, tokenize_item)
+                  generate_prompt, is_correct, load_task, main, read_items, tokenize_item,
+                  truncation_note)
 
 # SPEC §3: the only sizes consistent with every accuracy in the paper's Table 1
 MATH_TEST_SIZES = {"AQuA": 51, "AddSub": 79, "MultiArith": 110, "SVAMP": 200, "SingleEq": 102, "gsm8k": 264}
@@ -166,6 +169,42 @@ def test_tokenize_item_masks_the_prompt():
     # a cutoff inside the prompt masks everything
     input_ids, labels = tokenize_item(tokenizer, item, cutoff_len=20, train_on_inputs=False)
     assert len(input_ids) == 20 and labels == [-100] * 20
+
+
+def test_the_readme_prompt_and_cutoff_figures_for_the_byte_tokenizer(adapters_dir):
+    """The Quickstart's figures, counted from the UTF-8 bytes (one byte a token, plus BOS)."""
+    assert 1 + len(generate_prompt("", "").encode("utf-8")) == 193  # the prompt's fixed part
+    lengths = sorted(1 + len(generate_prompt(i["instruction"], i["input"], i["output"]).encode())
+                     for i in load_task("math", adapters_dir, datasets=[]).train)
+    assert (len(lengths), lengths[0], lengths[len(lengths) // 2], lengths[-1]) == (3260, 327, 566, 1539)
+    assert sum(n >= 1024 for n in lengths) == 48  # cut at 1024: items of 1024 tokens or more
+
+
+@pytest.mark.parametrize("cutoff_len", [100, 250, 260, 2000])
+def test_truncation_note_counts_the_items_cut(tmp_path, cutoff_len, capsys):
+    import train as train_script  # the note as a training run prints it
+    data_dir = write_tiny_task(tmp_path / "data")
+    training_file = data_dir / "ft-training_set" / "math_data.json"
+    items = json.loads(training_file.read_text())
+    items = [dict(item, output=item["output"] + " Why:" + " so" * i) for i, item in enumerate(items)]
+    training_file.write_text(json.dumps(items))
+    lengths = [1 + len(generate_prompt(i["instruction"], i["input"], i["output"]).encode())
+               for i in items]
+    assert 260 in lengths  # an item of exactly cutoff_len tokens loses only its EOS: cut too
+    cut = sum(n >= cutoff_len for n in lengths)
+    tokenizer = ByteTokenizer()
+    note = truncation_note([tokenize_item(tokenizer, i, cutoff_len) for i in items], cutoff_len,
+                           tokenizer.eos_id)
+    if cut == 0:
+        assert note is None
+    else:
+        assert note.startswith(f"note: {cut:,} of {len(items):,} training items")
+        assert f"--cutoff_len {cutoff_len} tokens" in note and "\n" not in note
+    train_script.main(["--model", "tiny", "--task", "math", "--max_steps", "1", "--device", "cpu",
+                       "--micro_batch_size", "1", "--grad_accum", "1", "--cutoff_len",
+                       str(cutoff_len), "--data_dir", str(data_dir), "--out_dir", str(tmp_path / "o")])
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: ")]
+    assert printed == ([note] if note else [])
 
 
 def test_collate_pads_right():
@@ -347,3 +386,92 @@ def test_download_errors_through_main(tmp_path, capsys):
     stderr = capsys.readouterr().err
     assert exited.value.code == 2 and stderr.count("\n") == 1 and "could not download" in stderr and str(port) in stderr
     assert not (tmp_path / "data").exists()  # offline: no files and no empty folders left behind
+
+
+# -----------------------------------------------------------------------------
+# Download from a local copy of the repository: a folder or a file:// URL
+
+def local_source(folder, form):
+    return str(folder) if form == "folder" else folder.resolve().as_uri()
+
+
+@pytest.mark.parametrize("form", ["folder", "file_url"])
+def test_download_from_a_local_copy_of_the_repository(tmp_path, repository, adapters_dir, form,
+                                                      capsys):
+    data_dir = tmp_path / "data"
+    main(["download", "--data_dir", str(data_dir), "--base_url", local_source(repository, form)])
+    lines = capsys.readouterr().out.splitlines()
+    sums = expected_sums(adapters_dir)
+    relative = sorted(str(p.relative_to(data_dir)) for p in data_dir.rglob("*") if p.is_file())
+    assert len(relative) == len(lines) == 6 + 7 + 2 and all("copied from" in x for x in lines)
+    for path in relative:  # byte for byte the bundle's files (sums from its own SHA256SUMS)
+        digest = hashlib.sha256((data_dir / path).read_bytes()).hexdigest()
+        assert digest == sums[path] if path in sums else path == "ft-training_set/commonsense_15k.json"
+    assert load_task("math", data_dir).train == load_task("math", adapters_dir).train
+    main(["download", "--data_dir", str(data_dir), "--base_url", local_source(repository, form)])
+    assert all("skipped" in line for line in capsys.readouterr().out.splitlines())
+
+
+def test_the_readme_command_with_the_shared_bundle(tmp_path):
+    """The shared bundle has the math files only: --task math copies them, the default (all)
+    names the one missing file and copies nothing; as a user runs it, from the project root."""
+    bundle = shared_path("llm-adapters")
+    base_url = "../shared/data/llm-adapters"  # the README's relative form: the shared folder's
+    assert (Path(fetching.__file__).parent.parent / base_url).resolve() == bundle.resolve()
+    refused = run("data.py", "download", "--data_dir", tmp_path / "all", "--base_url", base_url)
+    assert refused.returncode == 2 and refused.stdout == "" and "Traceback" not in refused.stderr
+    assert refused.stderr.startswith("error: ") and refused.stderr.count("\n") == 1
+    assert "commonsense_15k.json" in refused.stderr and "--task math" in refused.stderr
+    assert not (tmp_path / "all").exists()
+    copied = run("data.py", "download", "--data_dir", tmp_path / "math", "--base_url", base_url,
+                 "--task", "math")
+    assert copied.returncode == 0, copied.stderr
+    assert load_task("math", tmp_path / "math").train == load_task("math", bundle).train
+
+
+def fake_repository(folder):
+    """A tiny folder in the repository's layout (the tiny task's files); its sums stand in for
+    the real ones, so this always runs, with or without ../shared."""
+    write_tiny_task(folder)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in folder.rglob("*.json")}
+
+
+@pytest.mark.parametrize("form", ["folder", "file_url"])
+def test_download_from_a_tiny_local_folder(tmp_path, monkeypatch, capsys, form):
+    sums = fake_repository(tmp_path / "repository")
+    monkeypatch.setattr(fetching, "SHA256", sums | {"ft-training_set/commonsense_15k.json": None})
+    data_dir = tmp_path / "data"
+    main(["download", "--data_dir", str(data_dir), "--task", "math",
+          "--base_url", local_source(tmp_path / "repository", form)])
+    assert len(capsys.readouterr().out.splitlines()) == 7
+    for relative, digest in sums.items():
+        assert hashlib.sha256((data_dir / relative).read_bytes()).hexdigest() == digest
+    assert len([p for p in data_dir.rglob("*") if p.is_file()]) == 7  # no temp files
+    # a source file that is not the expected one: one line naming it; no file, no empty folder
+    gsm8k = tmp_path / "repository" / "dataset" / "gsm8k" / "test.json"
+    gsm8k.write_text(gsm8k.read_text().replace("2", "3"))
+    message = one_line_error(download, tmp_path / "other", "math",
+                             local_source(tmp_path / "repository", form))
+    assert "repository/dataset/gsm8k/test.json: not the expected file (sha256" in message
+    assert not (tmp_path / "other" / "dataset" / "gsm8k").exists()
+
+
+@pytest.mark.parametrize("base_url, expected", [
+    ("{tmp}/missing", "no such folder"),
+    ("{tmp}/repository", "has no ft-training_set/commonsense_15k.json and 7 more"),
+    ("{tmp}/repository/dataset", "has no ft-training_set/math_data.json and 6 more"),
+    ("file://elsewhere{tmp}/repository", "a file:// URL names a folder on this machine"),
+    ("s3://bucket/LLM-Adapters", "found the scheme s3://"),
+])
+def test_download_from_a_local_folder_refuses_what_it_cannot_copy(tmp_path, capsys, base_url,
+                                                                  expected):
+    fake_repository(tmp_path / "repository")  # the math files only
+    task = "all" if "commonsense" in expected else "math"
+    with pytest.raises(SystemExit) as exited:
+        main(["download", "--data_dir", str(tmp_path / "data"), "--task", task,
+              "--base_url", base_url.format(tmp=tmp_path)])
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2 and stderr.startswith("error: ") and stderr.count("\n") == 1
+    assert expected in stderr
+    assert not (tmp_path / "data").exists()  # checked before anything is copied
