@@ -44,7 +44,7 @@ from machinery import runs  # noqa: E402
 from data import TASKS, DataError, collate, load_task, tokenize_item, tokenizer_for  # noqa: E402
 from machinery.memory import NotEnoughMemory  # noqa: E402
 from machinery.checkpoints import check_window, load_model, model_config  # noqa: E402
-from model import CheckpointError, Transformer  # noqa: E402
+from model import PRESETS, CheckpointError, Transformer  # noqa: E402
 from machinery.quantize import QUANTIZE_KINDS  # noqa: E402
 from machinery.runs import RunError  # noqa: E402
 
@@ -374,7 +374,13 @@ def train_on(s, group, cfg, tokenizer, examples, record):
             if log:
                 log.close()
         if main_process:
-            info = {"model": s.model, "task": s.task, "method": s.method, "checkpoint_dir": s.checkpoint_dir,
+            # folders absolute, so the adapter evaluates from anywhere; the base's precision, so
+            # eval.py and report.py load the base it was trained on
+            is_folder = s.model not in PRESETS  # else model_config would have refused it
+            info = {"model": os.path.abspath(s.model) if is_folder else s.model, "task": s.task,
+                    "method": s.method,
+                    "checkpoint_dir": os.path.abspath(s.checkpoint_dir) if s.checkpoint_dir else "",
+                    "dtype": s.dtype, "quantize": s.quantize or None,
                     "steps": step, "trainable_parameters": n_trainable}
             try:
                 adapters.save_adapter(out / "adapter.pt", model, cfg, info)

@@ -16,6 +16,8 @@ The promises kept here, each backed by a test (tests/test_faults.py):
 """
 import argparse
 import fcntl
+import hashlib
+import io
 import json
 import math
 import os
@@ -25,6 +27,8 @@ from dataclasses import fields
 from pathlib import Path
 
 import torch
+
+from model import PRESETS, RANDOM_PRESETS
 
 
 class RunError(ValueError):
@@ -367,3 +371,67 @@ class JsonLines:
             except OSError:
                 pass  # the write that failed already said why
             self.file = None
+
+
+# ----------------------------------------------------------------------------- adapters to evaluate
+
+class AdapterBytes:
+    """An adapter file's bytes, read once: hashed, and loaded from these same bytes, so a file
+    replaced meanwhile cannot lend its record to another file's tensors. Messages name its path."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        try:
+            self.data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise RunError(f"adapter file {path} not found") from None
+        except PermissionError:
+            raise RunError(f"cannot read adapter {path}: permission denied") from None
+        except IsADirectoryError:
+            raise RunError(f"adapter {path} is a folder: pass the adapter.pt file in it") from None
+        self.sha256 = hashlib.sha256(self.data).hexdigest()
+
+    def open(self):
+        """A file object over the bytes, from their start, that names the path in messages."""
+        return _NamedBytes(self.data, self.path)
+
+    def __str__(self):
+        return self.path
+
+
+class _NamedBytes(io.BytesIO):
+    def __init__(self, data, path):
+        super().__init__(data)
+        self.path = path
+
+    def __str__(self):
+        return self.path
+
+
+def recorded_base(s, info, adapter):
+    """(model, checkpoint folder or None, a line to print): the base `adapter` is evaluated on, by
+    default the one it was trained on, as its record says: model, folder, dtype and quantization.
+    Flags override (--quantize none for an unquantized base); s.dtype and s.quantize are set, and
+    the line says which base it is. A folder model moved elsewhere is found with --checkpoint_dir."""
+    model = getattr(s, "model", "") or info.get("model")
+    is_folder = model not in PRESETS and model not in RANDOM_PRESETS
+    if not getattr(s, "model", "") and s.checkpoint_dir and is_folder:
+        model, folder = s.checkpoint_dir, None  # the folder model itself, found elsewhere
+    else:
+        recorded = info.get("checkpoint_dir") if not getattr(s, "model", "") else ""
+        folder = s.checkpoint_dir or recorded
+    trained = (info.get("dtype") or "", info.get("quantize") or "")
+    given = (s.dtype, "" if s.quantize == "none" else s.quantize)
+    s.dtype = s.dtype or trained[0]
+    s.quantize = given[1] if s.quantize else trained[1]
+    def name(dtype, quantize):
+        bits = f"quantized {quantize}" if quantize else "not quantized"
+        return f"{dtype or 'the default dtype'}, {bits}"
+    if not any(trained):
+        note = f"base: {name(s.dtype, s.quantize)} ({adapter} does not record its base's precision)"
+    elif (s.dtype, s.quantize) == trained:
+        note = f"base: {name(*trained)}, as {adapter} was trained (--dtype, --quantize override)"
+    else:
+        note = (f"base: {name(s.dtype, s.quantize)} as given, though {adapter} was trained on "
+                f"{name(*trained)}")
+    return model, folder or None, note
