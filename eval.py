@@ -292,14 +292,21 @@ def generate_predictions(model, tokenizer, s, e, group, todo, done):
                                     "correct": is_correct(name, response, answer)})
                 if group:
                     records = [r for part in distributed.gather(records, group) for r in part]
-                if main_process:
-                    sink.append(records, durable=True)  # what is written stays written if the machine dies
-                done.update({(r["dataset"], r["index"]): r for r in records})
-                bar.update(len(records))
+                runs.defer_stops()  # a batch's lines are appended whole, whatever signal comes
+                try:
+                    if main_process:
+                        sink.append(records, durable=True)  # stays written if the machine dies
+                    done.update({(r["dataset"], r["index"]): r for r in records})
+                    bar.update(len(records))
+                    signum = runs.pending_stop()
+                finally:
+                    runs.defer_stops(False)
+                if signum:  # SIGTERM or SIGHUP: the batch being generated is dropped, not waited for
+                    raise runs.Stopped(signum)
     except KeyboardInterrupt as stop:
-        why = f"{stop}; " if str(stop) else ""
-        raise KeyboardInterrupt(f"{why}the predictions so far are kept in {path}: run the same command again "
-                                "to continue") from None
+        raise runs.interrupted(stop, f"with {len(done)} of {len(e.prompts)} predictions made; all "
+                                     f"made are kept in {path}: run the same command again to "
+                                     "continue") from None
     except distributed.PeerLost as lost:
         raise RunError(f"{lost}; the predictions so far are kept in {path}: run the same command again "
                        "to continue") from None

@@ -29,6 +29,7 @@ import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import signal  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass, field, fields  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -281,6 +282,9 @@ def train(s):
     group = distributed.start(s.device)  # None for a single process
     try:
         train_on(s, group, cfg, tokenizer, examples, record)
+    except runs.Stopped as e:  # while the base loads: nothing was trained that could be lost
+        raise runs.interrupted(e, "before training began; nothing was lost: run the same "
+                                  "command again") from None
     finally:
         distributed.finish(group)
 
@@ -384,9 +388,10 @@ def train_on(s, group, cfg, tokenizer, examples, record):
                     "steps": step, "trainable_parameters": n_trainable}
             try:
                 adapters.save_adapter(out / "adapter.pt", model, cfg, info)
-            except KeyboardInterrupt:
-                raise KeyboardInterrupt(f"while writing adapter.pt; checkpoint.pt holds all {step} steps: "
-                                        "run again with --resume to write it") from None
+            except KeyboardInterrupt as e:
+                raise runs.interrupted(e, f"while writing adapter.pt; checkpoint.pt holds all "
+                                          f"{step} steps: run again with --resume to write it") \
+                    from None
     finally:
         if out:
             out.close()
@@ -408,8 +413,24 @@ def train_loop(s, group, model, optimizer, examples, pad_id, log, step, data):
     saved = step or None  # the step of the last good checkpoint
     bar = tqdm(total=total_steps, initial=step, desc=f"{s.model} {s.task} {s.method}", dynamic_ncols=True,
                disable=not main_process)
+
+    def stop(signum, during):
+        """A clean stop (SIGTERM, SIGHUP): the last finished step saved, unless it is already."""
+        nonlocal saved
+        if main_process and step and saved != step and not checkpoint_problem(model, optimizer):
+            save_checkpoint(checkpoint_path, step, model, optimizer, s, group, data)
+            saved = step
+        kept = (f"checkpoint at step {saved} ({checkpoint_path}): continue with --resume" if saved
+                else "nothing was saved yet: run the same command again to start over")
+        return runs.Stopped(signum, f"stopped by {signal.Signals(signum).name} during step "
+                                    f"{during}; {kept}")
+
+    # SIGTERM and SIGHUP are taken between micro-batches (the step is abandoned: the adapters are
+    # still the last step's) and after a step, its checkpoint written
+    runs.defer_stops()
     try:
         while step < total_steps:
+
             t0 = time.time()
             lr = get_lr(step, s, total_steps)
             for param_group in optimizer.param_groups:
@@ -420,6 +441,8 @@ def train_loop(s, group, model, optimizer, examples, pad_id, log, step, data):
             # all micro-batches of the step in any case, so the summed gradients are the single process's
             mine = range(group.rank, len(batches), group.world_size) if group else range(len(batches))
             for index in mine:
+                if signum := runs.pending_stop():
+                    raise stop(signum, during=step + 1)
                 torch.manual_seed(micro_batch_seed(s, step, index))  # this micro-batch's dropout masks
                 idx, labels, mask = collate([examples[i] for i in batches[index]], pad_id)
                 tokens += int(mask.sum())  # counted on the CPU tensor: no device sync
@@ -464,12 +487,15 @@ def train_loop(s, group, model, optimizer, examples, pad_id, log, step, data):
                 if main_process:
                     save_checkpoint(checkpoint_path, step, model, optimizer, s, group, data)
                 saved = step
-    except KeyboardInterrupt as e:
-        why = f"{e}; " if str(e) else ""  # torchrun's stop says why; Ctrl-C says nothing
-        raise KeyboardInterrupt(f"{why}during step {step + 1}; {last_save(checkpoint_path, saved)}") from None
+            if signum := runs.pending_stop():
+                raise stop(signum, during=step)
+    except KeyboardInterrupt as e:  # torchrun's stop says why, Ctrl-C nothing, a clean stop all
+        raise runs.interrupted(e, f"during step {step + 1}; {last_save(checkpoint_path, saved)}") \
+            from None
     except distributed.PeerLost as e:
         raise RunError(f"{e} during step {step + 1}; {last_save(checkpoint_path, saved)}") from None
     finally:
+        runs.defer_stops(False)
         bar.close()
     return step
 

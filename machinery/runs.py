@@ -13,6 +13,8 @@ The promises kept here, each backed by a test (tests/test_faults.py):
   leaves the old file and no temporary file.
 - Every number saved is finite: no tensor file holds a NaN or an infinity, no JSON file a bare
   NaN (allow_nan=False), and an adapter whose weights ran past ADAPTER_BOUND is never saved.
+- SIGTERM and SIGHUP (a scheduler's preemption, a closed terminal) are clean stops: one line
+  saying what was kept, exit 128 + the signal's number (tests/test_signals.py).
 """
 import argparse
 import fcntl
@@ -21,8 +23,10 @@ import io
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 from dataclasses import fields
 from pathlib import Path
 
@@ -110,7 +114,8 @@ def choose_device(name):
 
 
 def run_command(command, argv=None, errors=()):
-    """Call command(argv); a known problem becomes one `error:` line and exit 2, Ctrl-C exit 130.
+    """Call command(argv); a known problem becomes one `error:` line and exit 2, Ctrl-C exit 130,
+    SIGTERM or SIGHUP one line saying what was kept and exit 128 + its number (143, 129).
 
     OSError (disk full, permission denied, a read-only folder) is a known problem too: its
     message names the file and the cause. Anything else is a bug and keeps its traceback.
@@ -120,8 +125,15 @@ def run_command(command, argv=None, errors=()):
     def say(message):
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {message}", file=sys.stderr)
+    main_thread = threading.current_thread() is threading.main_thread()  # handlers live there
+    previous = {signum: signal.signal(signum, stop_signal) for signum in STOP_SIGNALS} \
+        if main_thread else {}
     try:
         return command(argv)
+    except Stopped as e:  # a clean stop: what was kept is said in the line, not an error
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(str(e) or f"stopped by {e.name}: run the same command again", file=sys.stderr)
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt as e:
         say(f"interrupted{': ' + str(e) if str(e) else ''}")
         sys.exit(130)
@@ -131,6 +143,60 @@ def run_command(command, argv=None, errors=()):
     except OSError as e:
         say(describe_os_error(e))
         sys.exit(2)
+    finally:
+        for signum, handler in previous.items():  # an in-process caller (the tests) gets its own back
+            signal.signal(signum, handler)
+
+
+# ----------------------------------------------------------------------------- clean stops
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived; the message is the one line saying what was kept."""
+
+    def __init__(self, signum, message=""):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name
+
+
+_stops = {"deferred": False, "pending": None}
+
+
+def stop_signal(signum, frame):
+    """The handler of SIGTERM and SIGHUP while a command runs (distributed.py's passes them on)."""
+    # outside a deferred stretch nothing is half done that a stop could lose (every write is
+    # atomic): stop at once. Inside one (defer_stops), the loop stops itself at its next safe point; a second
+    # signal meanwhile stops at once.
+    if _stops["deferred"] and _stops["pending"] is None:
+        _stops["pending"] = signum
+        return
+    raise Stopped(signum)
+
+
+def defer_stops(on=True):
+    """From defer_stops() to defer_stops(False), SIGTERM and SIGHUP are noted, not raised: the
+    loop asks pending_stop() where it can stop cleanly (between micro-batches, after a step)."""
+    _stops.update(deferred=on, pending=None)
+
+
+def pending_stop():
+    """The signal that asked for a stop while stops were deferred, or None."""
+    return _stops["pending"]
+
+
+def interrupted(e, context):
+    """The interruption `e` (Ctrl-C, torchrun's stop or a Stopped) again, its line ending with
+    `context` (what was kept and what to do)."""
+    if isinstance(e, Stopped):
+        # a clean stop's line already says what was kept
+        return e if str(e) else Stopped(e.signum, f"stopped by {e.name} {context}")
+    return KeyboardInterrupt(f"{e}; {context}" if str(e) else context)
 
 
 def cause(e):
