@@ -201,7 +201,8 @@ def evaluate_on(s, e, tokenizer, group):
                        quantize=s.quantize or None)
     params = 0
     if not s.base:
-        cfg, _ = adapters.load_adapter(model, e.adapter.open())  # the bytes whose sha256 run.json holds
+        # the bytes whose sha256 run.json holds
+        cfg, _ = adapters.load_adapter(model, e.adapter.open())
         params = sum(p.numel() for name, p in model.named_parameters() if adapters.is_adapter_parameter(name))
         print(f"adapter: {json.dumps(adapters.describe(cfg))}")
     model.eval()
@@ -301,7 +302,7 @@ def generate_predictions(model, tokenizer, s, e, group, todo, done):
                     signum = runs.pending_stop()
                 finally:
                     runs.defer_stops(False)
-                if signum:  # SIGTERM or SIGHUP: the batch being generated is dropped, not waited for
+                if signum:  # SIGTERM or SIGHUP: the batch in generation is dropped, not awaited
                     raise runs.Stopped(signum)
     except KeyboardInterrupt as stop:
         raise runs.interrupted(stop, f"with {len(done)} of {len(e.prompts)} predictions made; all "

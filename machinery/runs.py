@@ -144,7 +144,7 @@ def run_command(command, argv=None, errors=()):
         say(describe_os_error(e))
         sys.exit(2)
     finally:
-        for signum, handler in previous.items():  # an in-process caller (the tests) gets its own back
+        for signum, handler in previous.items():  # an in-process caller (a test) gets its own
             signal.signal(signum, handler)
 
 
@@ -171,8 +171,8 @@ _stops = {"deferred": False, "pending": None}
 def stop_signal(signum, frame):
     """The handler of SIGTERM and SIGHUP while a command runs (distributed.py's passes them on)."""
     # outside a deferred stretch nothing is half done that a stop could lose (every write is
-    # atomic): stop at once. Inside one (defer_stops), the loop stops itself at its next safe point; a second
-    # signal meanwhile stops at once.
+    # atomic): stop at once. Inside one (defer_stops), the loop stops itself at its next safe
+    # point; a second signal meanwhile stops at once.
     if _stops["deferred"] and _stops["pending"] is None:
         _stops["pending"] = signum
         return
@@ -478,7 +478,8 @@ def recorded_base(s, info, adapter):
     """(model, checkpoint folder or None, a line to print): the base `adapter` is evaluated on, by
     default the one it was trained on, as its record says: model, folder, dtype and quantization.
     Flags override (--quantize none for an unquantized base); s.dtype and s.quantize are set, and
-    the line says which base it is. A folder model moved elsewhere is found with --checkpoint_dir."""
+    the line says which base it is. A folder model moved elsewhere is found with
+    --checkpoint_dir."""
     model = getattr(s, "model", "") or info.get("model")
     is_folder = model not in PRESETS and model not in RANDOM_PRESETS
     if not getattr(s, "model", "") and s.checkpoint_dir and is_folder:
