@@ -46,7 +46,7 @@ from data import TASKS, DataError, collate, load_task, tokenize_item, tokenizer_
 from machinery.memory import NotEnoughMemory  # noqa: E402
 from machinery.checkpoints import check_window, load_model, model_config  # noqa: E402
 from model import PRESETS, CheckpointError, Transformer  # noqa: E402
-from machinery.quantize import QUANTIZE_KINDS  # noqa: E402
+from machinery.quantize import QUANTIZE_KINDS, QuantizedLinear  # noqa: E402
 from machinery.runs import RunError  # noqa: E402
 
 
@@ -340,7 +340,7 @@ def train_on(s, group, cfg, tokenizer, examples, record):
     adapters.add_adapters(model, cfg)
     model.grad_checkpointing = s.grad_checkpointing
     params = [p for name, p in model.named_parameters() if adapters.is_adapter_parameter(name)]
-    n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    n_trainable, n_total = sum(p.numel() for p in params), weight_count(model)
     if s.shard_base:
         distributed.shard_base(model, params, device)
     print(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.3f}%)")
@@ -397,6 +397,14 @@ def train_on(s, group, cfg, tokenizer, examples, record):
             out.close()
     adapter = os.path.join(s.out_dir, "adapter.pt")
     print(f"wrote {adapter}: evaluate with python eval.py --adapter {adapter}")
+
+
+def weight_count(model):
+    """The model's weights by element count; a quantized weight, a buffer of packed codes, counts
+    its out x in values, so that the trainable share is the same whether the base is quantized."""
+    quantized = sum(m.out_features * m.in_features for m in model.modules()
+                    if isinstance(m, QuantizedLinear))
+    return sum(p.numel() for p in model.parameters()) + quantized
 
 
 def train_loop(s, group, model, optimizer, examples, pad_id, log, step, data):

@@ -522,6 +522,23 @@ def test_the_adapter_evaluated_is_the_adapter_recorded(data_dir, adapter, tmp_pa
     assert all(torch.equal(saved[name], loaded[name].cpu()) for name in saved)
 
 
+def test_the_trainable_share_counts_a_quantized_base_by_its_weights(data_dir, tmp_path, capsys):
+    # a quantized weight is a buffer of codes (nf4: two a byte); the count is the model's weights,
+    # the unquantized model's, and the tiny preset's from its shapes (LLaMA: 9 matrices a block)
+    printed = {}
+    for kind in ("none", "int8", "nf4"):
+        quantize = [] if kind == "none" else ["--quantize", kind]
+        train_script.main([*SHORT, "--max_steps", "1", *quantize, "--data_dir", str(data_dir),
+                           "--out_dir", str(tmp_path / kind)])
+        line, = [x for x in capsys.readouterr().out.splitlines() if "trainable parameters" in x]
+        printed[kind] = line
+    dim, layers, ffn, vocab = 128, 4, 344, 259  # model.PRESETS["tiny"]
+    weights = layers * (4 * dim * dim + 3 * dim * ffn + 2 * dim) + 2 * vocab * dim + dim
+    trainable, total = (int(n.replace(",", "")) for n in printed["none"].split()[2:5:2])
+    assert total == weights + trainable, printed
+    assert printed["int8"] == printed["nf4"] == printed["none"], printed
+
+
 def test_the_base_weights_are_told_apart_by_their_files(tmp_path):
     folder = tmp_path / "llama" / "7B"
     folder.mkdir(parents=True)
