@@ -9,11 +9,12 @@ import subprocess
 import sys
 
 import pytest
+
 import eval as evaluate_script
-from machinery import runs
-from conftest import ROOT, read_jsonl, run
-from test_faults import SHORT, assert_same_adapter, checkpoint_step, hidden_files, step_losses
 import train as train_script
+from machinery import runs
+from conftest import ROOT, read_jsonl, run, write_tiny_task
+from test_faults import SHORT, assert_same_adapter, checkpoint_step, hidden_files, step_losses
 
 FOUR = [*SHORT, "--max_steps", "4"]  # four steps, a checkpoint every two
 
@@ -33,7 +34,6 @@ def signalled(moment, script, *args, code):
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """An uninterrupted run of the four steps, in its own process."""
-    from conftest import write_tiny_task
     data = write_tiny_task(tmp_path_factory.mktemp("task"))
     out = tmp_path_factory.mktemp("straight")
     result = run("train.py", *FOUR, "--data_dir", data, "--out_dir", out)
