@@ -47,9 +47,12 @@ class EvalSettings:
     model: str = field(default="", metadata={"help": "model preset or checkpoint folder (default: the adapter's)"})
     task: str = field(default="", metadata={"help": "math or commonsense (default: the adapter's)"})
     checkpoint_dir: str = field(default="", metadata={"help": "folder of a preset's weights (default: the adapter's)"})
-    dtype: str = field(default="", metadata={"help": "the base's dtype: bf16, fp16 or fp32 (default: bf16 on CUDA; "
-                                             "on the CPU fp32 if it fits in memory, else bf16)"})
-    quantize: str = field(default="", metadata={"help": "int8 or nf4: keep the base's block weights in 8 or 4 bits"})
+    dtype: str = field(default="", metadata={
+        "help": "the base's dtype: bf16, fp16 or fp32 (default: the adapter's, as it was trained; "
+                "for --base bf16 on CUDA, on the CPU fp32 if it fits in memory, else bf16)"})
+    quantize: str = field(default="", metadata={
+        "help": "int8 or nf4: keep the base's block weights in 8 or 4 bits; none: do not "
+                "(default: as the adapter was trained)"})
     data_dir: str = field(default="data", metadata={"help": "LLM-Adapters data (python data.py download)"})
     datasets: str = field(default="", metadata={"help": "comma-separated test sets, e.g. SVAMP,gsm8k (default: all of the task)"})
     limit: int = field(default=0, metadata={"help": "evaluate only the first N items of each test set (default 0: all)",
@@ -68,15 +71,11 @@ def parse_settings(argv=None):
         raise RunError("pass --adapter FILE, or --base with --model and --task")
     if s.dtype not in ("", *memory.DTYPES):
         raise RunError(f"--dtype {s.dtype!r}: expected one of {', '.join(memory.DTYPES)}")
-    if s.quantize not in ("", *QUANTIZE_KINDS):
-        raise RunError(f"--quantize {s.quantize!r}: expected one of {', '.join(QUANTIZE_KINDS)}")
+    if s.quantize not in ("", "none", *QUANTIZE_KINDS):
+        raise RunError(f"--quantize {s.quantize!r}: expected none or one of "
+                       f"{', '.join(QUANTIZE_KINDS)}")
     s.device = runs.choose_device(s.device)
     return s
-
-
-def file_sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def base_fingerprint(model_name, folder):
@@ -138,17 +137,24 @@ class Evaluation:
     prompts: dict         # (dataset, index) -> the prompt
     keys: dict            # (dataset, index) -> a hash of what decides the prediction and its score
     max_new_tokens: int
+    adapter: object       # the adapter file's bytes (runs.AdapterBytes), None for the base alone
 
 
 def plan(s):
     """(Evaluation, tokenizer): the settings resolved against the adapter file, the data and the memory
     the run needs; everything is checked but the weights."""
-    info = adapters.read_adapter(s.adapter)["info"] if s.adapter else {}
-    model_name, task_name = s.model or info.get("model"), s.task or info.get("task")
-    if not model_name or not task_name:
+    # the adapter's bytes are read once: its record, its hash and its tensors all come from them
+    adapter = runs.AdapterBytes(s.adapter) if s.adapter else None
+    info = adapters.read_adapter(adapter.open())["info"] if adapter else {}
+    if not (s.model or info.get("model")) or not (s.task or info.get("task")):
         raise RunError(f"{s.adapter} names no model or task: pass --model and --task")
-    # the adapter's own folder unless another model or folder is given
-    checkpoint_dir = s.checkpoint_dir or (info.get("checkpoint_dir") if not s.model else "") or None
+    task_name = s.task or info.get("task")
+    base_note = None
+    if adapter:  # the base the adapter was trained on, unless flags say otherwise
+        model_name, checkpoint_dir, base_note = runs.recorded_base(s, info, s.adapter)
+    else:
+        model_name, checkpoint_dir = s.model, s.checkpoint_dir or None
+        s.quantize = "" if s.quantize == "none" else s.quantize
     config, folder = model_config(model_name, checkpoint_dir)  # reads params.json / config.json only
     if s.adapter and not s.base:  # the adapter against the base first, on a model of no weights
         with torch.device("meta"):
@@ -173,14 +179,15 @@ def plan(s):
                                 batch_size=min(s.batch_size, max(1, len(prompts))), seq_len=seq_len)
     run = {"model": model_name, "task": task_name, "base": s.base, "max_new_tokens": max_new_tokens,
            "dtype": s.dtype, "quantize": s.quantize or None,
-           "adapter_sha256": None if s.base else file_sha256(s.adapter),
+           "adapter_sha256": adapter.sha256 if adapter and not s.base else None,
            "base_weights": base_fingerprint(model_name, folder)}
     print(json.dumps(asdict(s) | {"model": model_name, "task": task_name, "checkpoint_dir": str(folder or ""),
                                   "out_dir": out_dir}, indent=2))
-    if note:
-        print(note)
+    for line in (base_note, note):
+        if line:
+            print(line)
     return Evaluation(model_name, task_name, str(folder or ""), "base" if s.base else info.get("method", "adapter"),
-                      out_dir, run, items, prompts, keys, max_new_tokens), tokenizer
+                      out_dir, run, items, prompts, keys, max_new_tokens, adapter), tokenizer
 
 
 def evaluate(s):
@@ -203,7 +210,8 @@ def evaluate_on(s, e, tokenizer, group):
                        quantize=s.quantize or None)
     params = 0
     if not s.base:
-        cfg, _ = adapters.load_adapter(model, s.adapter)
+        # the bytes whose sha256 run.json holds
+        cfg, _ = adapters.load_adapter(model, e.adapter.open())
         params = sum(p.numel() for name, p in model.named_parameters() if adapters.is_adapter_parameter(name))
         print(f"adapter: {json.dumps(adapters.describe(cfg))}")
     model.eval()
@@ -295,14 +303,21 @@ def generate_predictions(model, tokenizer, s, e, group, todo, done):
                                     "correct": is_correct(name, response, answer)})
                 if group:
                     records = [r for part in distributed.gather(records, group) for r in part]
-                if main_process:
-                    sink.append(records, durable=True)  # what is written stays written if the machine dies
-                done.update({(r["dataset"], r["index"]): r for r in records})
-                bar.update(len(records))
+                runs.defer_stops()  # a batch's lines are appended whole, whatever signal comes
+                try:
+                    if main_process:
+                        sink.append(records, durable=True)  # stays written if the machine dies
+                    done.update({(r["dataset"], r["index"]): r for r in records})
+                    bar.update(len(records))
+                    signum = runs.pending_stop()
+                finally:
+                    runs.defer_stops(False)
+                if signum:  # SIGTERM or SIGHUP: the batch in generation is dropped, not awaited
+                    raise runs.Stopped(signum)
     except KeyboardInterrupt as stop:
-        why = f"{stop}; " if str(stop) else ""
-        raise KeyboardInterrupt(f"{why}the predictions so far are kept in {path}: run the same command again "
-                                "to continue") from None
+        raise runs.interrupted(stop, f"with {len(done)} of {len(e.prompts)} predictions made; all "
+                                     f"made are kept in {path}: run the same command again to "
+                                     "continue") from None
     except distributed.PeerLost as lost:
         raise RunError(f"{lost}; the predictions so far are kept in {path}: run the same command again "
                        "to continue") from None

@@ -50,8 +50,11 @@ class ReportSettings:
     cutoff_len: int = field(default=256, metadata={"help": "tokens per training text (--items train)", "min": 2})
     runs: str = field(default="", metadata={"help": "comma-separated run folders whose loss curves go beside this one's"})
     checkpoint_dir: str = field(default="", metadata={"help": "folder of the base weights (default: the adapter's)"})
-    dtype: str = field(default="", metadata={"help": "the base's dtype: bf16, fp16 or fp32 (default as in eval.py)"})
-    quantize: str = field(default="", metadata={"help": "int8 or nf4: keep the base's block weights in 8 or 4 bits"})
+    dtype: str = field(default="", metadata={
+        "help": "the base's dtype: bf16, fp16 or fp32 (default: the adapter's, as it was trained)"})
+    quantize: str = field(default="", metadata={
+        "help": "int8 or nf4: keep the base's block weights in 8 or 4 bits; none: do not "
+                "(default: as the adapter was trained)"})
     out_dir: str = field(default="", metadata={"help": "output folder (default: report-<task> beside the adapter)"})
     device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
 
@@ -62,9 +65,10 @@ def parse_settings(argv=None):
         raise RunError("pass --adapter FILE (written by train.py)")
     if s.items not in ("test", "train"):
         raise RunError(f"--items {s.items!r}: expected test or train")
-    if s.dtype not in ("", *memory.DTYPES) or s.quantize not in ("", *QUANTIZE_KINDS):
+    if s.dtype not in ("", *memory.DTYPES) or s.quantize not in ("", "none", *QUANTIZE_KINDS):
         raise RunError(f"--dtype {s.dtype!r} --quantize {s.quantize!r}: expected a dtype among "
-                       f"{', '.join(memory.DTYPES)} and a quantization among {', '.join(QUANTIZE_KINDS)}")
+                       f"{', '.join(memory.DTYPES)} and a quantization among none, "
+                       f"{', '.join(QUANTIZE_KINDS)}")
     s.device = runs.choose_device(s.device)
     return s
 
@@ -85,22 +89,27 @@ def token_batches(s, task, tokenizer):
 
 
 def report(s):
-    payload = adapters.read_adapter(s.adapter)
+    # read once: the record and the tensors are the same file's
+    adapter = runs.AdapterBytes(s.adapter)
+    payload = adapters.read_adapter(adapter.open())
     info, method = payload["info"], payload["method"]
     cfg = None if method in adapters.BASELINES else interlora.InterLoRAConfig(**payload["config"])  # no gates
     if cfg is None or not (cfg.attention_gate or cfg.ffn_gate != "none"):
         raise RunError(f"{s.adapter} has no gates (method {info.get('method', method)}): a gate report needs "
                        "an InterLoRA variant with a head or an FFN gate")
-    model_name, task_name = info.get("model"), info.get("task")
-    if not model_name or not task_name:  # every adapter train.py writes names both
+    if not info.get("model") or not info.get("task"):  # every adapter train.py writes names both
         raise RunError(f"{s.adapter} names no model or task (info.model, info.task): train it again")
-    config, folder = model_config(model_name, s.checkpoint_dir or info.get("checkpoint_dir") or None)
+    task_name = info["task"]
+    # the base the adapter was trained on, unless flags say otherwise
+    model_name, checkpoint_dir, base_note = runs.recorded_base(s, info, s.adapter)
+    config, folder = model_config(model_name, checkpoint_dir)
     s.dtype, note = memory.plan(config, s.device, s.dtype, s.quantize or None, training=False,
                                 batch_size=s.batch_size, seq_len=s.cutoff_len)
     out_dir = s.out_dir or os.path.join(os.path.dirname(os.path.abspath(s.adapter)), f"report-{task_name}")
     print(json.dumps(asdict(s) | {"model": model_name, "task": task_name, "out_dir": out_dir}, indent=2))
-    if note:
-        print(note)
+    for line in (base_note, note):
+        if line:
+            print(line)
     datasets = [d.strip() for d in s.datasets.split(",") if d.strip()] or None
     task = load_task(task_name, s.data_dir, datasets=datasets, with_train=s.items == "train")
     tokenizer = tokenizer_for(folder)
@@ -111,7 +120,7 @@ def report(s):
     runs.check_output_dir(out_dir)
 
     model = load_model(model_name, folder, device=s.device, dtype=memory.DTYPES[s.dtype], quantize=s.quantize or None)
-    adapters.load_adapter(model, s.adapter)
+    adapters.load_adapter(model, adapter.open())  # the bytes the record came from
     model.eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.device.startswith("cuda"))
     with torch.no_grad(), autocast, gates.GateRecorder(model) as recorder:

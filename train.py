@@ -29,6 +29,7 @@ import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import signal  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, dataclass, field, fields  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -47,8 +48,8 @@ from data import (TASKS, DataError, collate, load_task, tokenize_item, tokenizer
                   truncation_note)
 from machinery.memory import NotEnoughMemory  # noqa: E402
 from machinery.checkpoints import check_window, load_model, model_config  # noqa: E402
-from model import CheckpointError, Transformer  # noqa: E402
-from machinery.quantize import QUANTIZE_KINDS  # noqa: E402
+from model import PRESETS, CheckpointError, Transformer  # noqa: E402
+from machinery.quantize import QUANTIZE_KINDS, QuantizedLinear  # noqa: E402
 from machinery.runs import RunError  # noqa: E402
 
 
@@ -287,6 +288,9 @@ def train(s):
     group = distributed.start(s.device)  # None for a single process
     try:
         train_on(s, group, cfg, tokenizer, examples, record)
+    except runs.Stopped as e:  # while the base loads: nothing was trained that could be lost
+        raise runs.interrupted(e, "before training began; nothing was lost: run the same "
+                                  "command again") from None
     finally:
         distributed.finish(group)
 
@@ -345,7 +349,7 @@ def train_on(s, group, cfg, tokenizer, examples, record):
     model.loss_function = fused.chunked_loss  # no (B, T, vocab) logits in memory at once
     model.grad_checkpointing = s.grad_checkpointing
     params = [p for name, p in model.named_parameters() if adapters.is_adapter_parameter(name)]
-    n_trainable, n_total = sum(p.numel() for p in params), sum(p.numel() for p in model.parameters())
+    n_trainable, n_total = sum(p.numel() for p in params), weight_count(model)
     if s.shard_base:
         distributed.shard_base(model, params, device)
     print(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.3f}%)")
@@ -383,18 +387,33 @@ def train_on(s, group, cfg, tokenizer, examples, record):
             if log:
                 log.close()
         if main_process:
-            info = {"model": s.model, "task": s.task, "method": s.method, "checkpoint_dir": s.checkpoint_dir,
+            # folders absolute, so the adapter evaluates from anywhere; the base's precision, so
+            # eval.py and report.py load the base it was trained on
+            is_folder = s.model not in PRESETS  # else model_config would have refused it
+            info = {"model": os.path.abspath(s.model) if is_folder else s.model, "task": s.task,
+                    "method": s.method,
+                    "checkpoint_dir": os.path.abspath(s.checkpoint_dir) if s.checkpoint_dir else "",
+                    "dtype": s.dtype, "quantize": s.quantize or None,
                     "steps": step, "trainable_parameters": n_trainable}
             try:
                 adapters.save_adapter(out / "adapter.pt", model, cfg, info)
-            except KeyboardInterrupt:
-                raise KeyboardInterrupt(f"while writing adapter.pt; checkpoint.pt holds all {step} steps: "
-                                        "run again with --resume to write it") from None
+            except KeyboardInterrupt as e:
+                raise runs.interrupted(e, f"while writing adapter.pt; checkpoint.pt holds all "
+                                          f"{step} steps: run again with --resume to write it") \
+                    from None
     finally:
         if out:
             out.close()
     adapter = os.path.join(s.out_dir, "adapter.pt")
     print(f"wrote {adapter}: evaluate with python eval.py --adapter {adapter}")
+
+
+def weight_count(model):
+    """The model's weights by element count; a quantized weight, a buffer of packed codes, counts
+    its out x in values, so that the trainable share is the same whether the base is quantized."""
+    quantized = sum(m.out_features * m.in_features for m in model.modules()
+                    if isinstance(m, QuantizedLinear))
+    return sum(p.numel() for p in model.parameters()) + quantized
 
 
 def train_loop(s, group, model, optimizer, examples, pad_id, log, step, data):
@@ -411,8 +430,24 @@ def train_loop(s, group, model, optimizer, examples, pad_id, log, step, data):
     saved = step or None  # the step of the last good checkpoint
     bar = tqdm(total=total_steps, initial=step, desc=f"{s.model} {s.task} {s.method}", dynamic_ncols=True,
                disable=not main_process)
+
+    def stop(signum, during):
+        """A clean stop (SIGTERM, SIGHUP): the last finished step saved, unless it is already."""
+        nonlocal saved
+        if main_process and step and saved != step and not checkpoint_problem(model, optimizer):
+            save_checkpoint(checkpoint_path, step, model, optimizer, s, group, data)
+            saved = step
+        kept = (f"checkpoint at step {saved} ({checkpoint_path}): continue with --resume" if saved
+                else "nothing was saved yet: run the same command again to start over")
+        return runs.Stopped(signum, f"stopped by {signal.Signals(signum).name} during step "
+                                    f"{during}; {kept}")
+
+    # SIGTERM and SIGHUP are taken between micro-batches (the step is abandoned: the adapters are
+    # still the last step's) and after a step, its checkpoint written
+    runs.defer_stops()
     try:
         while step < total_steps:
+
             t0 = time.time()
             lr = get_lr(step, s, total_steps)
             for param_group in optimizer.param_groups:
@@ -423,6 +458,8 @@ def train_loop(s, group, model, optimizer, examples, pad_id, log, step, data):
             # all micro-batches of the step in any case, so the summed gradients are the single process's
             mine = range(group.rank, len(batches), group.world_size) if group else range(len(batches))
             for index in mine:
+                if signum := runs.pending_stop():
+                    raise stop(signum, during=step + 1)
                 torch.manual_seed(micro_batch_seed(s, step, index))  # this micro-batch's dropout masks
                 idx, labels, mask = collate([examples[i] for i in batches[index]], pad_id)
                 tokens += int(mask.sum())  # counted on the CPU tensor: no device sync
@@ -467,12 +504,15 @@ def train_loop(s, group, model, optimizer, examples, pad_id, log, step, data):
                 if main_process:
                     save_checkpoint(checkpoint_path, step, model, optimizer, s, group, data)
                 saved = step
-    except KeyboardInterrupt as e:
-        why = f"{e}; " if str(e) else ""  # torchrun's stop says why; Ctrl-C says nothing
-        raise KeyboardInterrupt(f"{why}during step {step + 1}; {last_save(checkpoint_path, saved)}") from None
+            if signum := runs.pending_stop():
+                raise stop(signum, during=step)
+    except KeyboardInterrupt as e:  # torchrun's stop says why, Ctrl-C nothing, a clean stop all
+        raise runs.interrupted(e, f"during step {step + 1}; {last_save(checkpoint_path, saved)}") \
+            from None
     except distributed.PeerLost as e:
         raise RunError(f"{e} during step {step + 1}; {last_save(checkpoint_path, saved)}") from None
     finally:
+        runs.defer_stops(False)
         bar.close()
     return step
 

@@ -20,6 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from machinery import runs
 from machinery.runs import RunError
 
 
@@ -51,13 +52,37 @@ def start(device):
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(minutes=10))
     if rank:
         sys.stdout = open(os.devnull, "w")  # one set of messages and one progress bar: rank 0's
-    # when one process fails, torchrun stops the others with SIGTERM: say so in one line, not a traceback
-    signal.signal(signal.SIGTERM, _stopped_by_torchrun)
+    # torchrun sends SIGTERM to the others when one process fails, and passes on a SIGTERM it gets
+    # itself (a scheduler's preemption): the two are told apart by whether a peer has gone
+    signal.signal(signal.SIGTERM, _on_sigterm)
     return Group(rank, world_size, device)
 
 
-def _stopped_by_torchrun(signum, frame):
-    raise KeyboardInterrupt("torchrun stopped this process because another process of the run failed")
+def _on_sigterm(signum, frame):
+    if _a_peer_is_gone():
+        raise KeyboardInterrupt("torchrun stopped this process because another process of the "
+                                "run failed")
+    runs.stop_signal(signum, frame)  # a clean stop, as for a single process
+
+
+def _a_peer_is_gone():
+    """Whether a process of this launch on this machine has ended. torchrun reaps a failed process
+    before it stops the others, so with all LOCAL_WORLD_SIZE of them still alive the SIGTERM came
+    to torchrun itself. Without /proc (not Linux) a peer is taken to have failed, as before."""
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return True
+    parent, alive = os.getppid(), 0
+    for entry in entries:
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                # "pid (name) state ppid ...": the name may hold spaces and parentheses
+                state, ppid = f.read().rpartition(")")[2].split()[:2]
+        except (OSError, ValueError):
+            continue  # it ended meanwhile
+        alive += int(ppid) == parent and state not in ("Z", "X")
+    return alive < int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
 
 
 def finish(group):

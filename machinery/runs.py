@@ -13,20 +13,27 @@ The promises kept here, each backed by a test (tests/test_faults.py):
   leaves the old file and no temporary file.
 - Every number saved is finite: no tensor file holds a NaN or an infinity, no JSON file a bare
   NaN (allow_nan=False), and an adapter whose weights ran past ADAPTER_BOUND is never saved.
+- SIGTERM and SIGHUP (a scheduler's preemption, a closed terminal) are clean stops: one line
+  saying what was kept, exit 128 + the signal's number (tests/test_signals.py).
 """
 import argparse
 import fcntl
+import hashlib
+import io
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
+import threading
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from machinery import checks
+from model import PRESETS, RANDOM_PRESETS
 
 
 class RunError(ValueError):
@@ -109,7 +116,8 @@ def choose_device(name):
 
 
 def run_command(command, argv=None, errors=()):
-    """Call command(argv); a known problem becomes one `error:` line and exit 2, Ctrl-C exit 130.
+    """Call command(argv); a known problem becomes one `error:` line and exit 2, Ctrl-C exit 130,
+    SIGTERM or SIGHUP one line saying what was kept and exit 128 + its number (143, 129).
 
     OSError (disk full, permission denied, a read-only folder) is a known problem too: its
     message names the file and the cause. Anything else is a bug and keeps its traceback.
@@ -119,8 +127,15 @@ def run_command(command, argv=None, errors=()):
     def say(message):
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {message}", file=sys.stderr)
+    main_thread = threading.current_thread() is threading.main_thread()  # handlers live there
+    previous = {signum: signal.signal(signum, stop_signal) for signum in STOP_SIGNALS} \
+        if main_thread else {}
     try:
         return command(argv)
+    except Stopped as e:  # a clean stop: what was kept is said in the line, not an error
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(str(e) or f"stopped by {e.name}: run the same command again", file=sys.stderr)
+        sys.exit(128 + e.signum)
     except KeyboardInterrupt as e:
         say(f"interrupted{': ' + str(e) if str(e) else ''}")
         sys.exit(130)
@@ -130,6 +145,60 @@ def run_command(command, argv=None, errors=()):
     except OSError as e:
         say(describe_os_error(e))
         sys.exit(2)
+    finally:
+        for signum, handler in previous.items():  # an in-process caller (a test) gets its own
+            signal.signal(signum, handler)
+
+
+# ----------------------------------------------------------------------------- clean stops
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP arrived; the message is the one line saying what was kept."""
+
+    def __init__(self, signum, message=""):
+        super().__init__(message)
+        self.signum = signum
+
+    @property
+    def name(self):
+        return signal.Signals(self.signum).name
+
+
+_stops = {"deferred": False, "pending": None}
+
+
+def stop_signal(signum, frame):
+    """The handler of SIGTERM and SIGHUP while a command runs (distributed.py's passes them on)."""
+    # outside a deferred stretch nothing is half done that a stop could lose (every write is
+    # atomic): stop at once. Inside one (defer_stops), the loop stops itself at its next safe
+    # point; a second signal meanwhile stops at once.
+    if _stops["deferred"] and _stops["pending"] is None:
+        _stops["pending"] = signum
+        return
+    raise Stopped(signum)
+
+
+def defer_stops(on=True):
+    """From defer_stops() to defer_stops(False), SIGTERM and SIGHUP are noted, not raised: the
+    loop asks pending_stop() where it can stop cleanly (between micro-batches, after a step)."""
+    _stops.update(deferred=on, pending=None)
+
+
+def pending_stop():
+    """The signal that asked for a stop while stops were deferred, or None."""
+    return _stops["pending"]
+
+
+def interrupted(e, context):
+    """The interruption `e` (Ctrl-C, torchrun's stop or a Stopped) again, its line ending with
+    `context` (what was kept and what to do)."""
+    if isinstance(e, Stopped):
+        # a clean stop's line already says what was kept
+        return e if str(e) else Stopped(e.signum, f"stopped by {e.name} {context}")
+    return KeyboardInterrupt(f"{e}; {context}" if str(e) else context)
 
 
 def cause(e):
@@ -370,3 +439,68 @@ class JsonLines:
             except OSError:
                 pass  # the write that failed already said why
             self.file = None
+
+
+# ----------------------------------------------------------------------------- adapters to evaluate
+
+class AdapterBytes:
+    """An adapter file's bytes, read once: hashed, and loaded from these same bytes, so a file
+    replaced meanwhile cannot lend its record to another file's tensors. Messages name its path."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        try:
+            self.data = Path(path).read_bytes()
+        except FileNotFoundError:
+            raise RunError(f"adapter file {path} not found") from None
+        except PermissionError:
+            raise RunError(f"cannot read adapter {path}: permission denied") from None
+        except IsADirectoryError:
+            raise RunError(f"adapter {path} is a folder: pass the adapter.pt file in it") from None
+        self.sha256 = hashlib.sha256(self.data).hexdigest()
+
+    def open(self):
+        """A file object over the bytes, from their start, that names the path in messages."""
+        return _NamedBytes(self.data, self.path)
+
+    def __str__(self):
+        return self.path
+
+
+class _NamedBytes(io.BytesIO):
+    def __init__(self, data, path):
+        super().__init__(data)
+        self.path = path
+
+    def __str__(self):
+        return self.path
+
+
+def recorded_base(s, info, adapter):
+    """(model, checkpoint folder or None, a line to print): the base `adapter` is evaluated on, by
+    default the one it was trained on, as its record says: model, folder, dtype and quantization.
+    Flags override (--quantize none for an unquantized base); s.dtype and s.quantize are set, and
+    the line says which base it is. A folder model moved elsewhere is found with
+    --checkpoint_dir."""
+    model = getattr(s, "model", "") or info.get("model")
+    is_folder = model not in PRESETS and model not in RANDOM_PRESETS
+    if not getattr(s, "model", "") and s.checkpoint_dir and is_folder:
+        model, folder = s.checkpoint_dir, None  # the folder model itself, found elsewhere
+    else:
+        recorded = info.get("checkpoint_dir") if not getattr(s, "model", "") else ""
+        folder = s.checkpoint_dir or recorded
+    trained = (info.get("dtype") or "", info.get("quantize") or "")
+    given = (s.dtype, "" if s.quantize == "none" else s.quantize)
+    s.dtype = s.dtype or trained[0]
+    s.quantize = given[1] if s.quantize else trained[1]
+    def name(dtype, quantize):
+        bits = f"quantized {quantize}" if quantize else "not quantized"
+        return f"{dtype or 'the default dtype'}, {bits}"
+    if not any(trained):
+        note = f"base: {name(s.dtype, s.quantize)} ({adapter} does not record its base's precision)"
+    elif (s.dtype, s.quantize) == trained:
+        note = f"base: {name(*trained)}, as {adapter} was trained (--dtype, --quantize override)"
+    else:
+        note = (f"base: {name(s.dtype, s.quantize)} as given, though {adapter} was trained on "
+                f"{name(*trained)}")
+    return model, folder or None, note

@@ -1,15 +1,20 @@
 """Run train.py or eval.py and SIGKILL the process at a chosen moment, for tests/test_faults.py.
 
-    python tests/kill_at.py MOMENT SCRIPT [ARGS...]
+    python tests/kill_at.py [SIGNAL/]MOMENT SCRIPT [ARGS...]
 
 MOMENT is one of
     step:N     as optimizer step N begins (train.py)
+    micro:N    as the N-th micro-batch of this process is put together (train.py)
     save:N     halfway through writing the N-th checkpoint.pt of this process (train.py)
     adapter    with adapter.pt's temporary file written, before it takes the file's place (train.py)
     batch:N    as the N-th batch of prompts starts generating (eval.py)
     append:N   halfway through appending the N-th batch of predictions (eval.py)
 
 and may end in @R: only the process of rank R of a torchrun launch dies (the others go on).
+
+SIGNAL (SIGTERM, SIGHUP) sends that signal instead of SIGKILL, and the process goes on to
+handle it; SIGTERM-to-torchrun sends SIGTERM to the parent torchrun, which passes it on to
+every process of the launch, and waits until this process has it too.
 
 SIGKILL cannot be caught: no handler runs, no file is closed, as when the machine dies or the
 kernel kills the process for memory. The moment is chosen here, inside the process, so that a
@@ -18,10 +23,12 @@ test hits it every time.
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 moment, script, *args = sys.argv[1:]
+sent, _, moment = moment.rpartition("/")
 moment, _, rank = moment.partition("@")
 kind, _, number = moment.partition(":")
 number = int(number or 0)
@@ -39,7 +46,16 @@ calls = {"count": 0, "armed": False}
 
 def die():
     sys.stdout.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
+    if not sent:
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif sent == "SIGTERM-to-torchrun":
+        os.kill(os.getppid(), signal.SIGTERM)
+        for _ in range(3000):  # until torchrun's SIGTERM reached this process (a stop is noted)
+            if runs.pending_stop():
+                return
+            time.sleep(0.01)
+    else:
+        os.kill(os.getpid(), getattr(signal, sent))  # handled before os.kill returns
 
 
 def counted(function, on_call):
@@ -51,9 +67,16 @@ def counted(function, on_call):
     return wrapper
 
 
-if kind == "step":
+if kind == "micro":
+    command.collate = counted(command.collate, lambda n: n == number and die())
+elif kind == "step":
     get_lr = command.get_lr
-    command.get_lr = lambda step, *rest: die() if step == number - 1 else get_lr(step, *rest)
+
+    def lr_or_die(step, *rest):
+        if step == number - 1:
+            die()  # a signal is handled, and the step goes on
+        return get_lr(step, *rest)
+    command.get_lr = lr_or_die
 elif kind == "save":
     def arm(n):
         calls["armed"] = n == number
@@ -64,6 +87,7 @@ elif kind == "save":
         result = write(self, data)
         if calls["armed"]:  # some of the bytes are in the temporary file: die now
             self.flush()
+            calls["armed"] = False  # a signal is sent once; the write goes on
             die()
         return result
     runs._Sink.write = write_then_die

@@ -418,6 +418,127 @@ def test_predictions_are_reused_only_for_the_same_items_and_evaluation(data_dir,
     assert "run.json is corrupt" in message
 
 
+def loads_recorded(monkeypatch, script):
+    """The dtype and quantization each load_model call of `script` is given."""
+    loads, load_model = [], script.load_model
+
+    def recording(*args, **kwargs):
+        loads.append((kwargs["dtype"], kwargs["quantize"]))
+        return load_model(*args, **kwargs)
+    monkeypatch.setattr(script, "load_model", recording)
+    return loads
+
+
+def test_eval_and_report_load_the_base_the_adapter_was_trained_on(data_dir, tmp_path, monkeypatch,
+                                                                  capsys):
+    import report as report_script
+    trained = tmp_path / "trained"
+    train_script.main([*SHORT, "--max_steps", "1", "--dtype", "bf16", "--quantize", "int8",
+                       "--data_dir", str(data_dir), "--out_dir", str(trained)])
+    adapter = trained / "adapter.pt"
+    info = adapters.read_adapter(str(adapter))["info"]
+    assert (info["dtype"], info["quantize"]) == ("bf16", "int8")
+    capsys.readouterr()
+    loads = loads_recorded(monkeypatch, evaluate_script)
+    args = ["--adapter", adapter, "--data_dir", data_dir, "--datasets", "AddSub", "--limit", "2",
+            "--max_new_tokens", "2"]
+    evaluate_script.main([str(a) for a in [*args, "--out_dir", tmp_path / "as-trained"]])
+    assert f"base: bf16, quantized int8, as {adapter} was trained" in capsys.readouterr().out
+    assert json.loads((tmp_path / "as-trained" / "run.json").read_text())["quantize"] == "int8"
+    evaluate_script.main([str(a) for a in [*args, "--quantize", "none", "--dtype", "fp32",
+                                           "--out_dir", tmp_path / "other"]])
+    assert (f"base: fp32, not quantized as given, though {adapter} was trained on bf16, quantized "
+            "int8") in capsys.readouterr().out
+    assert loads == [(torch.bfloat16, "int8"), (torch.float32, None)]
+
+    report_loads = loads_recorded(monkeypatch, report_script)
+    report_script.main([str(a) for a in ["--adapter", adapter, "--data_dir", data_dir, "--datasets",
+                                         "AddSub", "--limit", "2"]])
+    assert f"base: bf16, quantized int8, as {adapter} was trained" in capsys.readouterr().out
+    assert report_loads == [(torch.bfloat16, "int8")]
+
+
+def test_a_folder_model_is_recorded_absolute_and_found_with_checkpoint_dir(data_dir, tmp_path,
+                                                                           monkeypatch, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    work = tmp_path / "work"
+    folder = work / "llama-tiny"
+    LlamaForCausalLM(LlamaConfig(vocab_size=32000, hidden_size=64, intermediate_size=192,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 tie_word_embeddings=False)).save_pretrained(folder)
+    shutil.copy(shared_path("spm-tokenizer", "tokenizer.model"), folder)
+    monkeypatch.chdir(work)  # the user trains with a relative --model
+    train_script.main(["--model", "llama-tiny", "--task", "math", "--max_steps", "1",
+                       "--cutoff_len", "64", "--micro_batch_size", "1", "--grad_accum", "1",
+                       "--data_dir", str(data_dir),
+                       "--out_dir", str(tmp_path / "trained")])
+    adapter = tmp_path / "trained" / "adapter.pt"
+    info = adapters.read_adapter(str(adapter))["info"]
+    assert info["model"] == str(folder) and info["checkpoint_dir"] == str(folder)
+
+    monkeypatch.chdir(tmp_path)  # evaluated from elsewhere: the recorded folder is found
+    args = ["--adapter", adapter, "--data_dir", data_dir, "--datasets", "AddSub", "--limit", "1",
+            "--max_new_tokens", "1"]
+    evaluate_script.main([str(a) for a in [*args, "--out_dir", tmp_path / "eval"]])
+    moved = tmp_path / "moved-llama"
+    shutil.move(folder, moved)  # the folder moved: --checkpoint_dir says where it is now
+    message = stopped(evaluate_script.main, [*args, "--out_dir", tmp_path / "eval-moved"], capsys)
+    assert "llama-tiny" in message
+    evaluate_script.main([str(a) for a in [*args, "--checkpoint_dir", moved, "--out_dir",
+                                           tmp_path / "eval-moved"]])
+    assert json.loads((tmp_path / "eval-moved" / "results.json").read_text())["model"] == str(moved)
+
+
+def test_the_adapter_evaluated_is_the_adapter_recorded(data_dir, adapter, tmp_path, monkeypatch):
+    # the file is replaced while the base loads: run.json's sha256 and the tensors are the first's
+    first = adapter.read_bytes()
+    retrained = tmp_path / "retrained"
+    train_script.main([*SHORT, "--max_steps", "1", "--seed", "1", "--data_dir", str(data_dir),
+                       "--out_dir", str(retrained)])
+    load_model, loaded = evaluate_script.load_model, {}
+
+    def load_and_replace(*args, **kwargs):
+        shutil.copy(retrained / "adapter.pt", adapter)
+        return load_model(*args, **kwargs)
+    load_adapter = evaluate_script.adapters.load_adapter
+
+    def remember(model, source):
+        result = load_adapter(model, source)
+        loaded.update(evaluate_script.adapters.adapter_state_dict(model))
+        return result
+    monkeypatch.setattr(evaluate_script, "load_model", load_and_replace)
+    monkeypatch.setattr(evaluate_script.adapters, "load_adapter", remember)
+    out = tmp_path / "eval"
+    evaluate_script.main([str(a) for a in ["--adapter", adapter, "--data_dir", data_dir,
+                                           "--datasets", "AddSub", "--limit", "1",
+                                           "--max_new_tokens", "1", "--out_dir", out]])
+    import hashlib
+    assert adapter.read_bytes() != first  # it was replaced, and yet:
+    run_record = json.loads((out / "run.json").read_text())
+    assert run_record["adapter_sha256"] == hashlib.sha256(first).hexdigest()
+    (tmp_path / "first.pt").write_bytes(first)
+    saved = adapters.read_adapter(str(tmp_path / "first.pt"))["tensors"]
+    assert saved.keys() == loaded.keys()
+    assert all(torch.equal(saved[name], loaded[name].cpu()) for name in saved)
+
+
+def test_the_trainable_share_counts_a_quantized_base_by_its_weights(data_dir, tmp_path, capsys):
+    # a quantized weight is a buffer of codes (nf4: two a byte); the count is the model's weights,
+    # the unquantized model's, and the tiny preset's from its shapes (LLaMA: 9 matrices a block)
+    printed = {}
+    for kind in ("none", "int8", "nf4"):
+        quantize = [] if kind == "none" else ["--quantize", kind]
+        train_script.main([*SHORT, "--max_steps", "1", *quantize, "--data_dir", str(data_dir),
+                           "--out_dir", str(tmp_path / kind)])
+        line, = [x for x in capsys.readouterr().out.splitlines() if "trainable parameters" in x]
+        printed[kind] = line
+    dim, layers, ffn, vocab = 128, 4, 344, 259  # model.PRESETS["tiny"]
+    weights = layers * (4 * dim * dim + 3 * dim * ffn + 2 * dim) + 2 * vocab * dim + dim
+    trainable, total = (int(n.replace(",", "")) for n in printed["none"].split()[2:5:2])
+    assert total == weights + trainable, printed
+    assert printed["int8"] == printed["nf4"] == printed["none"], printed
+
+
 def test_the_base_weights_are_told_apart_by_their_files(tmp_path):
     folder = tmp_path / "llama" / "7B"
     folder.mkdir(parents=True)
