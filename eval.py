@@ -1,9 +1,9 @@
 """Evaluate an adapter (or the base model) on the paper's test sets and print the accuracy table.
 
     python eval.py --adapter out/llama-7b-math-interlora/adapter.pt
-    python eval.py --adapter out/llama-7b-math-interlora/adapter.pt --datasets SVAMP,gsm8k --limit 50
+    python eval.py --adapter out/llama-7b-math-interlora/adapter.pt --datasets SVAMP --limit 50
     python eval.py --base --model llama-7b --task math
-    torchrun --standalone --nproc_per_node 2 eval.py --adapter out/llama-7b-math-interlora/adapter.pt
+    torchrun --standalone --nproc_per_node 2 eval.py --adapter out/llama-7b-math-lora/adapter.pt
 
 The model, task and adapter settings come from the adapter file. Greedy decoding, batched with
 the KV cache; each prediction is appended to predictions.jsonl as its batch finishes, so an
@@ -32,37 +32,36 @@ from machinery import checks  # noqa: E402
 from machinery import distributed  # noqa: E402
 from machinery import memory  # noqa: E402
 from machinery import runs  # noqa: E402
-from data import DataError, extract_answer, generate_prompt, is_correct, load_task, tokenizer_for  # noqa: E402
+from data import (DataError, extract_answer, generate_prompt, is_correct, load_task,  # noqa: E402
+                  tokenizer_for)
 from machinery.memory import NotEnoughMemory  # noqa: E402
 from machinery.checkpoints import check_window, load_model, model_config  # noqa: E402
 from model import CheckpointError, Transformer  # noqa: E402
 from machinery.quantize import QUANTIZE_KINDS  # noqa: E402
-from machinery.runs import RunError  # noqa: E402
+from machinery.runs import RunError, flag  # noqa: E402
 
 
 @dataclass
 class EvalSettings:
-    adapter: str = field(default="", metadata={"help": "adapter file written by train.py"})
-    base: bool = field(default=False, metadata={"help": "evaluate the base model alone, without adapters"})
-    model: str = field(default="", metadata={"help": "model preset or checkpoint folder (default: the adapter's)"})
-    task: str = field(default="", metadata={"help": "math or commonsense (default: the adapter's)"})
-    checkpoint_dir: str = field(default="", metadata={"help": "folder of a preset's weights (default: the adapter's)"})
-    dtype: str = field(default="", metadata={
-        "help": "the base's dtype: bf16, fp16 or fp32 (default: the adapter's, as it was trained; "
-                "for --base bf16 on CUDA, on the CPU fp32 if it fits in memory, else bf16)"})
-    quantize: str = field(default="", metadata={
-        "help": "int8 or nf4: keep the base's block weights in 8 or 4 bits; none: do not "
-                "(default: as the adapter was trained)"})
-    data_dir: str = field(default="data", metadata={"help": "LLM-Adapters data (python data.py download)"})
-    datasets: str = field(default="", metadata={"help": "comma-separated test sets, e.g. SVAMP,gsm8k (default: all of the task)"})
-    limit: int = field(default=0, metadata={"help": "evaluate only the first N items of each test set (default 0: all)",
-                                            "min": 0})
-    batch_size: int = field(default=32, metadata={"help": "prompts generated together", "min": 1})
-    max_new_tokens: int = field(default=0, metadata={"help": "tokens to generate (default 0: 256 math, 32 commonsense)",
-                                                     "min": 0})
-    out_dir: str = field(default="", metadata={"help": "output folder (default: eval-<task> beside the adapter)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the decode step (CUDA graphs on a GPU)"})
-    device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
+    adapter: str = flag("", "adapter file written by train.py")
+    base: bool = flag(False, "evaluate the base model alone, without adapters")
+    model: str = flag("", "model preset or checkpoint folder (default: the adapter's)")
+    task: str = flag("", "math or commonsense (default: the adapter's)")
+    checkpoint_dir: str = flag("", "folder of a preset's weights (default: the adapter's)")
+    dtype: str = flag("", "the base's dtype: bf16, fp16 or fp32 (default: the adapter's, as it "
+                      "was trained; for --base bf16 on CUDA, on the CPU fp32 if it fits in "
+                      "memory, else bf16)")
+    quantize: str = flag("", "int8 or nf4: keep the base's block weights in 8 or 4 bits; none: do "
+                         "not (default: as the adapter was trained)")
+    data_dir: str = flag("data", "LLM-Adapters data (python data.py download)")
+    datasets: str = flag("", "comma-separated test sets, e.g. SVAMP,gsm8k (default: all of the "
+                         "task)")
+    limit: int = flag(0, "evaluate only the first N items of each test set (default 0: all)", min=0)
+    batch_size: int = flag(32, "prompts generated together", min=1)
+    max_new_tokens: int = flag(0, "tokens to generate (default 0: 256 math, 32 commonsense)", min=0)
+    out_dir: str = flag("", "output folder (default: eval-<task> beside the adapter)")
+    compile: bool = flag(False, "torch.compile the decode step (CUDA graphs on a GPU)")
+    device: str = flag("", "cuda or cpu (default: cuda when available)")
 
 
 def parse_settings(argv=None):
@@ -79,35 +78,38 @@ def parse_settings(argv=None):
 
 
 def base_fingerprint(model_name, folder):
-    """What identifies the base weights without reading them: each file's name, size and modification time."""
+    """What identifies the base weights without reading them: each file's name, size and
+    modification time."""
     if folder is None:
         return f"{model_name}: random weights, seed 0"
     folder = Path(folder)
-    files = [f for f in sorted(folder.iterdir()) if f.is_file()] + [folder.parent / "tokenizer.model"]
+    files = [f for f in sorted(folder.iterdir()) if f.is_file()]
+    files.append(folder.parent / "tokenizer.model")
     stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()]
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()
 
 
 def item_key(dataset, prompt, answer):
-    """A short hash of what decides a prediction and its score: a record is reused only for its own item."""
+    """A short hash of what decides a prediction and its score: a record is reused only for its
+    own item."""
     return hashlib.sha256(json.dumps([dataset, prompt, answer]).encode()).hexdigest()[:16]
 
 
 def is_record(record):
-    return (isinstance(record, dict) and isinstance(record.get("dataset"), str) and isinstance(record.get("index"), int)
-            and isinstance(record.get("item"), str) and isinstance(record.get("response"), str)
-            and isinstance(record.get("correct"), bool))
+    return (isinstance(record, dict) and isinstance(record.get("dataset"), str)
+            and isinstance(record.get("index"), int) and isinstance(record.get("item"), str)
+            and isinstance(record.get("response"), str) and isinstance(record.get("correct"), bool))
 
 
 def results_table(model_name, method, params, accuracy):
-    """A Markdown table shaped like the paper's Table 1/2: one row, datasets in the paper's order."""
+    """A Markdown table shaped like the paper's Table 1/2: one row, datasets in its order."""
     names = list(accuracy)
     average = sum(accuracy.values()) / len(accuracy)
     header = "| LLM | Method | Params | " + " | ".join(names) + " | Avg. |"
     rule = "|" + "---|" * (len(names) + 4)
     params_text = f"{params / 1e6:.2f}M" if params else "-"
-    row = (f"| {model_name} | {method} | {params_text} | " + " | ".join(f"{accuracy[n]:.2f}" for n in names)
-           + f" | {average:.2f} |")
+    scores = " | ".join(f"{accuracy[n]:.2f}" for n in names)
+    row = f"| {model_name} | {method} | {params_text} | {scores} | {average:.2f} |"
     return "\n".join([header, rule, row]) + "\n", average
 
 
@@ -120,8 +122,9 @@ def check_same_run(path, run):
                         "delete the folder, or choose another --out_dir")
     changed = sorted(k for k in run.keys() | saved.keys() if run.get(k) != saved.get(k))
     if changed:
-        raise RunError(f"{os.path.dirname(path)} holds predictions of another evaluation (different "
-                       f"{', '.join(changed)}): delete the folder, or choose another --out_dir")
+        raise RunError(f"{os.path.dirname(path)} holds predictions of another evaluation "
+                       f"(different {', '.join(changed)}): delete the folder, or choose another "
+                       "--out_dir")
 
 
 @dataclass
@@ -141,8 +144,8 @@ class Evaluation:
 
 
 def plan(s):
-    """(Evaluation, tokenizer): the settings resolved against the adapter file, the data and the memory
-    the run needs; everything is checked but the weights."""
+    """(Evaluation, tokenizer): the settings resolved against the adapter file, the data and the
+    memory the run needs; everything is checked but the weights."""
     # the adapter's bytes are read once: its record, its hash and its tensors all come from them
     adapter = runs.AdapterBytes(s.adapter) if s.adapter else None
     info = adapters.read_adapter(adapter.open())["info"] if adapter else {}
@@ -155,7 +158,8 @@ def plan(s):
     else:
         model_name, checkpoint_dir = s.model, s.checkpoint_dir or None
         s.quantize = "" if s.quantize == "none" else s.quantize
-    config, folder = model_config(model_name, checkpoint_dir)  # reads params.json / config.json only
+    # reads params.json / config.json only
+    config, folder = model_config(model_name, checkpoint_dir)
     if s.adapter and not s.base:  # the adapter against the base first, on a model of no weights
         with torch.device("meta"):
             adapters.check_base(Transformer(config), s.adapter)
@@ -168,7 +172,8 @@ def plan(s):
     items = {name: test[: s.limit or None] for name, test in task.test.items()}
     prompts = {(name, i): generate_prompt(item["instruction"], item["input"])
                for name, test in items.items() for i, item in enumerate(test)}
-    keys = {(name, i): item_key(name, prompt, items[name][i]["answer"]) for (name, i), prompt in prompts.items()}
+    keys = {(name, i): item_key(name, prompt, items[name][i]["answer"])
+            for (name, i), prompt in prompts.items()}
     tokenizer = tokenizer_for(folder)
     # the longest sequence a batch holds: the longest prompt and the answer
     seq_len = max((len(tokenizer.encode(p)) for p in prompts.values()), default=1) + max_new_tokens
@@ -181,17 +186,20 @@ def plan(s):
            "dtype": s.dtype, "quantize": s.quantize or None,
            "adapter_sha256": adapter.sha256 if adapter and not s.base else None,
            "base_weights": base_fingerprint(model_name, folder)}
-    print(json.dumps(asdict(s) | {"model": model_name, "task": task_name, "checkpoint_dir": str(folder or ""),
-                                  "out_dir": out_dir}, indent=2))
+    resolved = {"model": model_name, "task": task_name, "checkpoint_dir": str(folder or ""),
+                "out_dir": out_dir}
+    print(json.dumps(asdict(s) | resolved, indent=2))
     for line in (base_note, note):
         if line:
             print(line)
-    return Evaluation(model_name, task_name, str(folder or ""), "base" if s.base else info.get("method", "adapter"),
-                      out_dir, run, items, prompts, keys, max_new_tokens, adapter), tokenizer
+    method = "base" if s.base else info.get("method", "adapter")
+    return Evaluation(model_name, task_name, str(folder or ""), method, out_dir, run, items,
+                      prompts, keys, max_new_tokens, adapter), tokenizer
 
 
 def evaluate(s):
-    # everything that can be checked without the weights first, and no output folder until they loaded
+    # everything that can be checked without the weights first, and no output folder until they
+    # loaded
     e, tokenizer = plan(s)
     runs.check_output_dir(e.out_dir)
     check_same_run(os.path.join(e.out_dir, "run.json"), e.run)
@@ -203,16 +211,18 @@ def evaluate(s):
 
 
 def evaluate_on(s, e, tokenizer, group):
-    """Load the model and generate what is missing: alone, or as one of group.world_size processes."""
+    """Load the model and generate what is missing: alone, or as one of group.world_size
+    processes."""
     device = group.device if group else s.device
     main_process = group is None or group.main
-    model = load_model(e.model, e.checkpoint_dir or None, device=device, dtype=memory.DTYPES[s.dtype],
-                       quantize=s.quantize or None)
+    model = load_model(e.model, e.checkpoint_dir or None, device=device,
+                       dtype=memory.DTYPES[s.dtype], quantize=s.quantize or None)
     params = 0
     if not s.base:
         # the bytes whose sha256 run.json holds
         cfg, _ = adapters.load_adapter(model, e.adapter.open())
-        params = sum(p.numel() for name, p in model.named_parameters() if adapters.is_adapter_parameter(name))
+        params = sum(p.numel() for name, p in model.named_parameters()
+                     if adapters.is_adapter_parameter(name))
         print(f"adapter: {json.dumps(adapters.describe(cfg))}")
     model.eval()
 
@@ -224,8 +234,8 @@ def evaluate_on(s, e, tokenizer, group):
             check_same_run(out / "run.json", e.run)  # again, under the lock
             runs.write_json(out / "run.json", e.run)
             done = reusable_predictions(runs.JsonLines(out / "predictions.jsonl"), e.keys)
-            print(f"{len(e.prompts)} items, {len(e.prompts) - len(done)} to generate, {len(done)} already in "
-                  f"{out / 'predictions.jsonl'}")
+            print(f"{len(e.prompts)} items, {len(e.prompts) - len(done)} to generate, "
+                  f"{len(done)} already in {out / 'predictions.jsonl'}")
         todo = [key for key in e.prompts if key not in done]
         if group:
             todo = distributed.gather(todo, group)[0]
@@ -233,16 +243,18 @@ def evaluate_on(s, e, tokenizer, group):
         if not main_process:
             return None
 
-        accuracy = {name: 100 * sum(done[(name, i)]["correct"] for i in range(len(test))) / max(1, len(test))
-                    for name, test in e.items.items()}
+        accuracy = {}
+        for name, test in e.items.items():
+            right = sum(done[(name, i)]["correct"] for i in range(len(test)))
+            accuracy[name] = 100 * right / max(1, len(test))
         table, average = results_table(Path(e.model).name, e.method, params, accuracy)
         print(table)
         runs.write_text(out / "results.md", table)
         runs.write_json(out / "results.json",
                         {"model": e.model, "task": e.task, "method": e.method, "adapter": s.adapter,
                          "data_dir": s.data_dir, "trainable_parameters": params,
-                         "items": {n: len(v) for n, v in e.items.items()}, "accuracy": accuracy, "average": average,
-                         "max_new_tokens": e.max_new_tokens})
+                         "items": {n: len(v) for n, v in e.items.items()}, "accuracy": accuracy,
+                         "average": average, "max_new_tokens": e.max_new_tokens})
     finally:
         if out:
             out.close()
@@ -264,22 +276,26 @@ def reusable_predictions(predictions, keys):
             done[key] = record
     if bad:
         shown = ", ".join(map(str, bad[:5])) + (", ..." if len(bad) > 5 else "")
-        print(f"{predictions.path}: dropped {len(bad)} unreadable line(s) ({shown}); their items are generated again")
+        print(f"{predictions.path}: dropped {len(bad)} unreadable line(s) ({shown}); their items "
+              "are generated again")
     if len(done) < len(records):
-        print(f"{predictions.path}: {len(records) - len(done)} prediction(s) were made for items that are not in "
-              "this evaluation (other test files or --datasets); they are set aside")
+        print(f"{predictions.path}: {len(records) - len(done)} prediction(s) were made for items "
+              "that are not in this evaluation (other test files or --datasets); they are set "
+              "aside")
     if bad:
         predictions.rewrite(records)  # keep what is good, so appends start on a clean line
     return done
 
 
 def generate_predictions(model, tokenizer, s, e, group, todo, done):
-    """Generate, score and append a record per item of `todo`, a batch at a time (durably, by rank 0).
+    """Generate, score and append a record per item of `todo`, a batch at a time (durably, by
+    rank 0).
 
     With several processes each generates every world_size-th batch; after each round rank 0
     gathers the round's records and appends them, so the file grows as with one process."""
     device = group.device if group else s.device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
+                else contextlib.nullcontext())
     encoded = [tokenizer.encode(e.prompts[key]) for key in todo]
     main_process = group is None or group.main
     path = os.path.join(e.out_dir, "predictions.jsonl")
@@ -287,10 +303,12 @@ def generate_predictions(model, tokenizer, s, e, group, todo, done):
     rank, world_size = (group.rank, group.world_size) if group else (0, 1)
     decode_step = decode.compiled_decode_step(model) if s.compile else None  # None: eager
     try:
-        with tqdm(total=len(todo), desc="eval", dynamic_ncols=True, disable=not main_process) as bar, autocast:
-            for positions, outputs in model.generate_batches(encoded, s.batch_size, e.max_new_tokens, rank, world_size,
-                                                             eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
-                                                             decode_step=decode_step):
+        batches = model.generate_batches(encoded, s.batch_size, e.max_new_tokens, rank, world_size,
+                                         eos_id=tokenizer.stop_ids, pad_id=tokenizer.pad_id,
+                                         decode_step=decode_step)
+        bar = tqdm(total=len(todo), desc="eval", dynamic_ncols=True, disable=not main_process)
+        with bar, autocast:
+            for positions, outputs in batches:
                 records = []
                 for position, new_tokens in zip(positions, outputs):
                     name, index = key = todo[position]
@@ -298,8 +316,9 @@ def generate_predictions(model, tokenizer, s, e, group, todo, done):
                         new_tokens = new_tokens[:-1]
                     response = tokenizer.decode(new_tokens)
                     answer = e.items[name][index]["answer"]
-                    records.append({"dataset": name, "index": index, "item": e.keys[key], "answer": answer,
-                                    "response": response, "prediction": extract_answer(name, response),
+                    records.append({"dataset": name, "index": index, "item": e.keys[key],
+                                    "answer": answer, "response": response,
+                                    "prediction": extract_answer(name, response),
                                     "correct": is_correct(name, response, answer)})
                 if group:
                     records = [r for part in distributed.gather(records, group) for r in part]
@@ -319,8 +338,8 @@ def generate_predictions(model, tokenizer, s, e, group, todo, done):
                                      f"made are kept in {path}: run the same command again to "
                                      "continue") from None
     except distributed.PeerLost as lost:
-        raise RunError(f"{lost}; the predictions so far are kept in {path}: run the same command again "
-                       "to continue") from None
+        raise RunError(f"{lost}; the predictions so far are kept in {path}: run the same command "
+                       "again to continue") from None
     finally:
         if sink:
             sink.close()

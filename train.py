@@ -1,11 +1,11 @@
 """Fine-tune a LLaMA / GPT-J with InterLoRA (or a baseline) on the paper's math or commonsense task.
 
-    python train.py --model llama-7b --task math                      # the paper's InterLoRA run
-    python train.py --model llama-7b --task math --method lora        # the LoRA baseline (r = 10)
-    python train.py --model llama-7b --task math --method adapter     # the bottleneck Adapter baseline
-    python train.py --model llama-7b --task math --method prefix      # the Prefix baseline (lr 3e-2)
-    python train.py --model tiny --task math --max_steps 20           # random tiny model, any machine
-    torchrun --standalone --nproc_per_node 2 train.py --model llama-7b --task math   # 2 GPUs (distributed.py)
+    python train.py --model llama-7b --task math                  # the paper's InterLoRA run
+    python train.py --model llama-7b --task math --method lora    # the LoRA baseline (r = 10)
+    python train.py --model llama-7b --task math --method adapter # the bottleneck Adapter
+    python train.py --model llama-7b --task math --method prefix  # the Prefix baseline (lr 3e-2)
+    python train.py --model tiny --task math --max_steps 20       # random tiny model, any machine
+    torchrun --standalone --nproc_per_node 2 train.py --model llama-7b --task math   # 2 GPUs
 
 Writes into --out_dir: settings.json, log.jsonl (one line per optimizer step), checkpoint.pt
 (adapters + optimizer + RNG, every --save_every steps and at the end) and, last, adapter.pt
@@ -50,71 +50,70 @@ from machinery.memory import NotEnoughMemory  # noqa: E402
 from machinery.checkpoints import check_window, load_model, model_config  # noqa: E402
 from model import PRESETS, CheckpointError, Transformer  # noqa: E402
 from machinery.quantize import QUANTIZE_KINDS, QuantizedLinear  # noqa: E402
-from machinery.runs import RunError  # noqa: E402
+from machinery.runs import RunError, flag  # noqa: E402
 
 
 @dataclass
 class TrainSettings:
-    model: str = field(default="llama-7b", metadata={"help": "model preset (llama-7b, llama-13b, gptj-6b, tiny, "
-                                                     "tiny-gptj) or a LLaMA / GPT-J checkpoint folder"})
-    task: str = field(default="math", metadata={"help": "math or commonsense"})
-    method: str = field(default="interlora", metadata={"help": "interlora; a baseline: lora, adapter, prefix (these "
-                                                       "two take none of the LoRA settings r, alpha, dropout, "
-                                                       "gate_pool); or an ablation: "
-                                                       + ", ".join(adapters.METHODS[2:-2])})
-    checkpoint_dir: str = field(default="", metadata={"help": "folder of a preset's weights (default checkpoints/<model>)"})
-    dtype: str = field(default="", metadata={"help": "the frozen base's dtype: bf16, fp16 or fp32 (default: bf16 on "
-                                             "CUDA; on the CPU fp32 if the run fits in memory, else bf16)"})
-    quantize: str = field(default="", metadata={"help": "int8 or nf4: keep the base's block weights in 8 or 4 bits"})
-    data_dir: str = field(default="data", metadata={"help": "LLM-Adapters data (python data.py download)"})
-    out_dir: str = field(default="", metadata={"help": "output folder (default out/<model>-<task>-<method>)"})
-    r: int = field(default=0, metadata={"help": "LoRA rank (default 0: the method's, 4 for interlora, 10 for lora)",
-                                        "min": 0})
-    alpha: float = field(default=0.0, metadata={"help": "LoRA alpha, lambda = alpha / r (default 0: 2r)", "min": 0})
-    dropout: float = field(default=0.05, metadata={"help": "LoRA dropout", "min": 0, "below": 1})
-    gate_pool: str = field(default="mean", metadata={"help": "head-gate pooling: mean (paper) or causal"})
-    lr: float = field(default=0.0, metadata={"help": "peak learning rate (default 0: the method's, 3e-2 for prefix, "
-                                             "3e-4 for the others)", "min": 0})
-    epochs: int = field(default=3, metadata={"help": "passes over the training set", "min": 1})
-    micro_batch_size: int = field(default=4, metadata={"help": "sequences per forward pass", "min": 1})
-    grad_accum: int = field(default=4, metadata={"help": "micro-batches per optimizer step (batch 16 = 4 x 4), shared "
-                                                 "by the processes under torchrun", "min": 1})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warmup steps, then linear decay to 0", "min": 0})
-    cutoff_len: int = field(default=256, metadata={"help": "tokens per training sequence", "min": 2})
-    mask_prompt: bool = field(default=False, metadata={"help": "no loss on the prompt (default: loss on prompt and response)"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping", "above": 0})
-    seed: int = field(default=42, metadata={"help": "seed of adapter init, data order and dropout"})
-    max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (default 0: the epochs decide)",
-                                                "min": 0})
-    save_every: int = field(default=100, metadata={"help": "save checkpoint.pt every N optimizer steps", "min": 1})
-    gate_log_every: int = field(default=25, metadata={"help": "log a few gate statistics every N steps, from one "
-                                                      "micro-batch run again without gradients (0: never)", "min": 0})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --out_dir (see the table above)"})
-    compile: bool = field(default=False, metadata={"help": "torch.compile the model"})
-    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute blocks in backward (less memory)"})
-    shard_base: bool = field(default=False, metadata={"help": "under torchrun: shard the frozen base over the "
-                                                      "processes (FSDP2), for a base that does not fit one device"})
-    device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
+    model: str = flag("llama-7b", "model preset (llama-7b, llama-13b, gptj-6b, tiny, tiny-gptj) "
+                      "or a LLaMA / GPT-J checkpoint folder")
+    task: str = flag("math", "math or commonsense")
+    method: str = flag("interlora", "interlora; a baseline: lora, adapter, prefix (these two take "
+                       "none of the LoRA settings r, alpha, dropout, gate_pool); or an ablation: "
+                       + ", ".join(adapters.METHODS[2:-2]))
+    checkpoint_dir: str = flag("", "folder of a preset's weights (default checkpoints/<model>)")
+    dtype: str = flag("", "the frozen base's dtype: bf16, fp16 or fp32 (default: bf16 on CUDA; on "
+                      "the CPU fp32 if the run fits in memory, else bf16)")
+    quantize: str = flag("", "int8 or nf4: keep the base's block weights in 8 or 4 bits")
+    data_dir: str = flag("data", "LLM-Adapters data (python data.py download)")
+    out_dir: str = flag("", "output folder (default out/<model>-<task>-<method>)")
+    r: int = flag(0, "LoRA rank (default 0: the method's, 4 for interlora, 10 for lora)", min=0)
+    alpha: float = flag(0.0, "LoRA alpha, lambda = alpha / r (default 0: 2r)", min=0)
+    dropout: float = flag(0.05, "LoRA dropout", min=0, below=1)
+    gate_pool: str = flag("mean", "head-gate pooling: mean (paper) or causal")
+    lr: float = flag(0.0, "peak learning rate (default 0: the method's, 3e-2 for prefix, 3e-4 for "
+                     "the others)", min=0)
+    epochs: int = flag(3, "passes over the training set", min=1)
+    micro_batch_size: int = flag(4, "sequences per forward pass", min=1)
+    grad_accum: int = flag(4, "micro-batches per optimizer step (batch 16 = 4 x 4), shared by the "
+                           "processes under torchrun", min=1)
+    warmup_steps: int = flag(100, "linear warmup steps, then linear decay to 0", min=0)
+    cutoff_len: int = flag(256, "tokens per training sequence", min=2)
+    mask_prompt: bool = flag(False, "no loss on the prompt (default: loss on prompt and response)")
+    max_grad_norm: float = flag(1.0, "gradient clipping", above=0)
+    seed: int = flag(42, "seed of adapter init, data order and dropout")
+    max_steps: int = flag(0, "stop after this many optimizer steps (default 0: the epochs decide)",
+                          min=0)
+    save_every: int = flag(100, "save checkpoint.pt every N optimizer steps", min=1)
+    gate_log_every: int = flag(25, "log a few gate statistics every N steps, from one micro-batch "
+                               "run again without gradients (0: never)", min=0)
+    resume: bool = flag(False, "continue the run in --out_dir (see the table above)")
+    compile: bool = flag(False, "torch.compile the model")
+    grad_checkpointing: bool = flag(False, "recompute blocks in backward (less memory)")
+    shard_base: bool = flag(False, "under torchrun: shard the frozen base over the processes "
+                            "(FSDP2), for a base that does not fit one device")
+    device: str = flag("", "cuda or cpu (default: cuda when available)")
 
 
 # The paper's learning rate of each method where it is not 3e-4.
 LEARNING_RATES = {"prefix": 3e-2}
 # Settings that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = {"resume", "compile", "grad_checkpointing", "shard_base", "checkpoint_dir", "data_dir", "device",
-                     "out_dir", "gate_log_every"}
+RESUMABLE_CHANGES = {"resume", "compile", "grad_checkpointing", "shard_base", "checkpoint_dir",
+                     "data_dir", "device", "out_dir", "gate_log_every"}
 
 
 def parse_settings(argv=None):
     s = runs.settings_from_command_line(TrainSettings, __doc__.split("\n\n")[0], argv)
     if s.method not in adapters.METHODS:
-        raise RunError(f"unknown --method {s.method!r}: choose one of {', '.join(adapters.METHODS)}")
+        raise RunError(f"unknown --method {s.method!r}: choose one of "
+                       f"{', '.join(adapters.METHODS)}")
     if s.method in adapters.BASELINES:  # LoRA's settings: refused rather than ignored
         defaults = {f.name: f.default for f in fields(TrainSettings)}
         given = [f"--{name} {getattr(s, name)}" for name in ("r", "alpha", "dropout", "gate_pool")
                  if getattr(s, name) != defaults[name]]
         if given:
-            raise RunError(f"{', '.join(given)}: LoRA's settings, which --method {s.method} does not have (it runs "
-                           "with the paper's settings); leave them out")
+            raise RunError(f"{', '.join(given)}: LoRA's settings, which --method {s.method} does "
+                           "not have (it runs with the paper's settings); leave them out")
     s.lr = s.lr or LEARNING_RATES.get(s.method, 3e-4)
     if s.task not in TASKS:
         raise RunError(f"unknown --task {s.task!r}: expected one of {', '.join(TASKS)}")
@@ -127,10 +126,12 @@ def parse_settings(argv=None):
     world_size = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     if s.grad_accum % world_size:
         batch = s.micro_batch_size * s.grad_accum
-        fits = [a for a in range(world_size, batch + 1, world_size) if batch % a == 0]  # same batch, other split
-        hint = f"; --micro_batch_size {batch // fits[0]} --grad_accum {fits[0]} keeps the batch of {batch}" if fits else ""
-        raise RunError(f"--grad_accum {s.grad_accum} micro-batches per step do not split evenly over {world_size} "
-                       f"processes: pass a multiple of {world_size}{hint}")
+        # the same batch, split another way
+        fits = [a for a in range(world_size, batch + 1, world_size) if batch % a == 0]
+        hint = (f"; --micro_batch_size {batch // fits[0]} --grad_accum {fits[0]} keeps the batch "
+                f"of {batch}" if fits else "")
+        raise RunError(f"--grad_accum {s.grad_accum} micro-batches per step do not split evenly "
+                       f"over {world_size} processes: pass a multiple of {world_size}{hint}")
     if s.shard_base and world_size == 1:
         raise RunError("--shard_base shards the base over the processes of a torchrun launch: "
                        "run under torchrun --nproc_per_node N, or leave it out")
@@ -138,23 +139,26 @@ def parse_settings(argv=None):
 
 
 def get_lr(step, settings, total_steps):
-    """Linear warmup to lr, then linear decay to 0 at total_steps (the schedule of LLM-Adapters' Trainer)."""
+    """Linear warmup to lr, then linear decay to 0 at total_steps (LLM-Adapters' Trainer's)."""
     if step < settings.warmup_steps:
         return settings.lr * (step + 1) / settings.warmup_steps
-    return settings.lr * max(0.0, (total_steps - step) / max(1, total_steps - settings.warmup_steps))
+    decay_steps = max(1, total_steps - settings.warmup_steps)
+    return settings.lr * max(0.0, (total_steps - step) / decay_steps)
 
 
 def step_batches(examples, settings, step, steps_per_epoch):
-    """The micro-batches of optimizer step `step`: a seeded shuffle per epoch, so a resumed run sees the same order."""
+    """The micro-batches of optimizer step `step`: a seeded shuffle per epoch, so a resumed run
+    sees the same order."""
     epoch, position = divmod(step, steps_per_epoch)
-    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(settings.seed + epoch)).tolist()
-    per_step = settings.micro_batch_size * settings.grad_accum
+    generator = torch.Generator().manual_seed(settings.seed + epoch)
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    per_step, size = settings.micro_batch_size * settings.grad_accum, settings.micro_batch_size
     chosen = order[position * per_step:(position + 1) * per_step]
-    return [chosen[i:i + settings.micro_batch_size] for i in range(0, len(chosen), settings.micro_batch_size)]
+    return [chosen[i:i + size] for i in range(0, len(chosen), size)]
 
 
 def schedule(settings, n_examples):
-    """(optimizer steps per epoch, steps of the run); the last step of an epoch takes what is left."""
+    """(optimizer steps per epoch, steps of the run); an epoch's last step takes what is left."""
     steps_per_epoch = math.ceil(n_examples / (settings.micro_batch_size * settings.grad_accum))
     return steps_per_epoch, settings.max_steps or settings.epochs * steps_per_epoch
 
@@ -173,7 +177,8 @@ def memory_gb(device):
 
 
 def folder_state(out):
-    """What an output folder holds: new, started (stopped before its first save), unfinished, finished."""
+    """What an output folder holds: new, started (stopped before its first save), unfinished,
+    finished."""
     if os.path.exists(os.path.join(out, "adapter.pt")):
         return "finished"
     if os.path.exists(os.path.join(out, "checkpoint.pt")):
@@ -229,10 +234,11 @@ def check_rerun(s, state, announce, record):
     """Refuse what a rerun must not do to the folder; True when there is nothing left to do."""
     out = s.out_dir
     if state == "new" and s.resume:
-        raise RunError(f"nothing to resume in {out}: it holds no checkpoint.pt; run without --resume to start")
+        raise RunError(f"nothing to resume in {out}: it holds no checkpoint.pt; run without "
+                       "--resume to start")
     if state == "unfinished" and not s.resume:
-        raise RunError(f"{out} holds an unfinished run (checkpoint.pt): pass --resume to continue it, "
-                       "or choose another --out_dir")
+        raise RunError(f"{out} holds an unfinished run (checkpoint.pt): pass --resume to "
+                       "continue it, or choose another --out_dir")
     if state == "finished" and not s.resume:
         raise RunError(f"{out} holds a finished run (adapter.pt): choose another --out_dir")
     if state == "finished":
@@ -251,19 +257,23 @@ def check_rerun(s, state, announce, record):
 
 
 def check_same_settings(saved, s, path):
-    changed = sorted(k for k, v in saved.items() if getattr(s, k, None) != v and k not in RESUMABLE_CHANGES)
+    changed = sorted(k for k, v in saved.items()
+                     if getattr(s, k, None) != v and k not in RESUMABLE_CHANGES)
     if changed:
-        raise RunError(f"{path} was written with other settings ({', '.join(f'--{k} {saved[k]}' for k in changed)}): "
-                       "resume with the same settings, or choose another --out_dir")
+        flags = ", ".join(f"--{k} {saved[k]}" for k in changed)
+        raise RunError(f"{path} was written with other settings ({flags}): resume with the same "
+                       "settings, or choose another --out_dir")
 
 
 def train(s):
     # everything that can be checked without the weights is checked first: a mistake should
     # fail in seconds, before minutes of loading, and leave no output folder behind
-    config, folder = model_config(s.model, s.checkpoint_dir or None)  # reads params.json / config.json only
+    # reads params.json / config.json only
+    config, folder = model_config(s.model, s.checkpoint_dir or None)
     s.checkpoint_dir = str(folder) if folder else ""
     check_window(config, s.cutoff_len, f"--cutoff_len {s.cutoff_len}")
-    cfg = adapters.make_config(s.method, r=s.r, alpha=s.alpha, dropout=s.dropout, gate_pool=s.gate_pool)
+    cfg = adapters.make_config(s.method, r=s.r, alpha=s.alpha, dropout=s.dropout,
+                               gate_pool=s.gate_pool)
     checks.check_flags(s, config, RunError, cfg)  # --r within the layers, --cutoff_len the context
     n_trainable = trainable_parameters(config, cfg)
     if s.resume and not s.dtype:  # a resumed run keeps the dtype it started with
@@ -274,10 +284,11 @@ def train(s):
         print(note)
     task = load_task(s.task, s.data_dir, datasets=[])
     if not task.train:
-        raise DataError(f"the {s.task} training file in {s.data_dir} holds no items: download it again "
-                        "(python data.py download)")
+        raise DataError(f"the {s.task} training file in {s.data_dir} holds no items: download it "
+                        "again (python data.py download)")
     tokenizer = tokenizer_for(folder)
-    examples = [tokenize_item(tokenizer, item, s.cutoff_len, train_on_inputs=not s.mask_prompt) for item in task.train]
+    examples = [tokenize_item(tokenizer, item, s.cutoff_len, train_on_inputs=not s.mask_prompt)
+                for item in task.train]
     if cut := truncation_note(examples, s.cutoff_len, tokenizer.eos_id):
         print(cut)
     runs.check_output_dir(s.out_dir)
@@ -300,17 +311,20 @@ def trainable_parameters(config, cfg):
     with torch.device("meta"):
         model = Transformer(config)
     adapters.add_adapters(model, cfg)
-    return sum(p.numel() for name, p in model.named_parameters() if adapters.is_adapter_parameter(name))
+    return sum(p.numel() for name, p in model.named_parameters()
+               if adapters.is_adapter_parameter(name))
 
 
 def choose_dtype(s, config, n_trainable):
-    """Set s.dtype (given, or the default for the device) once the run is known to fit; the default's note."""
-    if s.shard_base:  # each process keeps 1/N of the base: the single-device estimate does not apply
+    """Set s.dtype (given, or the device's default) once the run is known to fit; the default's
+    note."""
+    if s.shard_base:  # each process keeps 1/N of the base: the one-device estimate does not apply
         s.dtype = s.dtype or ("bf16" if s.device.startswith("cuda") else "fp32")
         return None
     cpu_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if s.device == "cpu" else 1
-    s.dtype, note = memory.plan(config, s.device, s.dtype, s.quantize or None, processes=cpu_processes,
-                                training=True, batch_size=s.micro_batch_size, seq_len=s.cutoff_len,
+    s.dtype, note = memory.plan(config, s.device, s.dtype, s.quantize or None,
+                                processes=cpu_processes, training=True,
+                                batch_size=s.micro_batch_size, seq_len=s.cutoff_len,
                                 trainable_params=n_trainable, autocast=s.device.startswith("cuda"),
                                 grad_checkpointing=s.grad_checkpointing)
     return note
@@ -337,7 +351,8 @@ def read_settings_json(path):
 
 
 def train_on(s, group, cfg, tokenizer, examples, record):
-    """Load the base, add the adapters and train them: alone, or as one of group.world_size processes."""
+    """Load the base, add the adapters and train them: alone, or as one of group.world_size
+    processes."""
     device = group.device if group else s.device
     main_process = group is None or group.main
     torch.manual_seed(s.seed)  # the adapters' initial weights, the same in every process
@@ -352,7 +367,8 @@ def train_on(s, group, cfg, tokenizer, examples, record):
     n_trainable, n_total = sum(p.numel() for p in params), weight_count(model)
     if s.shard_base:
         distributed.shard_base(model, params, device)
-    print(f"trainable parameters: {n_trainable:,} of {n_total:,} ({100 * n_trainable / n_total:.3f}%)")
+    share = 100 * n_trainable / n_total
+    print(f"trainable parameters: {n_trainable:,} of {n_total:,} ({share:.3f}%)")
     print(f"adapter config: {json.dumps(adapters.describe(cfg))}")
     optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=0.0, fused=cuda)
     _, total_steps = schedule(s, len(examples))
@@ -362,7 +378,8 @@ def train_on(s, group, cfg, tokenizer, examples, record):
     try:
         state = folder_state(s.out_dir)
         if group:
-            state = distributed.gather(state, group)[0]  # rank 0 looked under its lock: its word holds
+            # rank 0 looked under its lock: its word holds
+            state = distributed.gather(state, group)[0]
         # again, now under the lock: another run may have come and gone
         if check_rerun(s, state, announce=True, record=record):
             return
@@ -370,16 +387,17 @@ def train_on(s, group, cfg, tokenizer, examples, record):
         if state == "unfinished":
             path = os.path.join(s.out_dir, "checkpoint.pt")
             step = resume(path, model, optimizer, s, group, record, total_steps)
-            print(f"resumed from {os.path.join(s.out_dir, 'checkpoint.pt')} at step {step} of {total_steps}")
+            print(f"resumed from {path} at step {step} of {total_steps}")
         log = runs.JsonLines(os.path.join(s.out_dir, "log.jsonl")) if main_process else None
         if main_process:
-            # the log holds each step once: the steps a resumed run redoes are dropped (and anything unreadable)
+            # the log holds each step once: the steps a resumed run redoes are dropped (and
+            # anything unreadable)
             records, _ = log.read(lambda r: isinstance(r, dict) and isinstance(r.get("step"), int))
             log.rewrite([r for r in records if r["step"] <= step])
-            runs.write_json(out / "settings.json", {"settings": asdict(s), "adapter": adapters.describe(cfg),
-                                                    "trainable_parameters": n_trainable, "total_steps": total_steps,
-                                                    "world_size": group.world_size if group else 1,
-                                                    "data": record})
+            runs.write_json(out / "settings.json", {
+                "settings": asdict(s), "adapter": adapters.describe(cfg),
+                "trainable_parameters": n_trainable, "total_steps": total_steps,
+                "world_size": group.world_size if group else 1, "data": record})
         try:
             step = train_loop(s, group, model, optimizer, examples, tokenizer.pad_id, log, step,
                               record)
@@ -417,19 +435,18 @@ def weight_count(model):
 
 
 def train_loop(s, group, model, optimizer, examples, pad_id, log, step, data):
-    """Optimizer steps from `step` to the end; checkpoint.pt every save_every steps and at the end."""
+    """Optimizer steps from `step` to the end; checkpoint.pt every save_every steps and at the
+    end."""
     steps_per_epoch, total_steps = schedule(s, len(examples))
     params = optimizer.param_groups[0]["params"]
-    device = group.device if group else s.device
     main_process = group is None or group.main
     checkpoint_path = os.path.join(s.out_dir, "checkpoint.pt")
-    # dynamic: one graph for every batch (each is as long as its longest item), compiled once for the run
+    # dynamic: one graph for every batch (each as long as its longest item), compiled once
     runner = torch.compile(model, dynamic=True) if s.compile else model
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else contextlib.nullcontext()
     model.train()
     saved = step or None  # the step of the last good checkpoint
-    bar = tqdm(total=total_steps, initial=step, desc=f"{s.model} {s.task} {s.method}", dynamic_ncols=True,
-               disable=not main_process)
+    bar = tqdm(total=total_steps, initial=step, desc=f"{s.model} {s.task} {s.method}",
+               dynamic_ncols=True, disable=not main_process)
 
     def stop(signum, during):
         """A clean stop (SIGTERM, SIGHUP): the last finished step saved, unless it is already."""
@@ -447,60 +464,33 @@ def train_loop(s, group, model, optimizer, examples, pad_id, log, step, data):
     runs.defer_stops()
     try:
         while step < total_steps:
-
             t0 = time.time()
             lr = get_lr(step, s, total_steps)
             for param_group in optimizer.param_groups:
                 param_group["lr"] = lr
             batches = step_batches(examples, s, step, steps_per_epoch)
-            loss_sum, tokens = torch.zeros((), device=device), 0
-            # with several processes each takes every world_size-th micro-batch; the loss is the mean over
-            # all micro-batches of the step in any case, so the summed gradients are the single process's
-            mine = range(group.rank, len(batches), group.world_size) if group else range(len(batches))
-            for index in mine:
-                if signum := runs.pending_stop():
-                    raise stop(signum, during=step + 1)
-                torch.manual_seed(micro_batch_seed(s, step, index))  # this micro-batch's dropout masks
-                idx, labels, mask = collate([examples[i] for i in batches[index]], pad_id)
-                tokens += int(mask.sum())  # counted on the CPU tensor: no device sync
-                idx, labels, mask = (t.to(device, non_blocking=True) for t in (idx, labels, mask))
-                with autocast:
-                    # next-token loss: position t predicts token t + 1; -100 marks padding (and a masked prompt).
-                    # collate pads on the right, so attention needs no mask: only the gates read it
-                    loss = runner(idx, attention_mask=mask, labels=labels, right_padded=True)
-                (loss / len(batches)).backward()
-                loss_sum += loss.detach() / len(batches)
-            if group:
-                distributed.sum_gradients(params)
-                totals = torch.stack([loss_sum, torch.tensor(float(tokens), device=device)])
-                distributed.sum_across([totals])
-                loss_sum, tokens = totals[0], int(totals[1])
-            loss_value = loss_sum.item()
-            if not math.isfinite(loss_value):
-                raise RunError(f"loss is {loss_value} at step {step + 1}: lower --lr or check the data; "
-                               f"{last_save(checkpoint_path, saved)}")
+            loss, tokens = backward_step(s, group, runner, params, examples, batches, pad_id,
+                                         step, stop)
+            if not math.isfinite(loss):
+                raise RunError(f"loss is {loss} at step {step + 1}: lower --lr or check the "
+                               f"data; {last_save(checkpoint_path, saved)}")
             torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            tokens_per_s = tokens / (time.time() - t0)
-            record = {"step": step, "loss": round(loss_value, 5), "lr": lr, "tokens_per_s": round(tokens_per_s, 1)}
+            record = {"step": step, "loss": round(loss, 5), "lr": lr,
+                      "tokens_per_s": round(tokens / (time.time() - t0), 1)}
             if s.gate_log_every and (step % s.gate_log_every == 0 or step == total_steps):
-                # one micro-batch again, forward only: about 1 / (3 x grad_accum x gate_log_every) of the compute
-                idx, _, mask = collate([examples[i] for i in batches[0]], pad_id)
-                record |= {"gates": summary} if (summary := gates.summary(model, idx.to(device), mask.to(device))) else {}
+                record |= gate_record(model, examples, batches[0], pad_id, runs_on(s, group))
             if main_process:
                 log.append([record])
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                            mem=f"{memory_gb(device):.1f}GB")
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                            tok_s=f"{record['tokens_per_s']:,.0f}",
+                            mem=f"{memory_gb(runs_on(s, group)):.1f}GB")
             bar.update()
             if step % s.save_every == 0 or step == total_steps:
                 # every process holds the same adapter, so all of them stop here, or none
-                if problem := checkpoint_problem(model, optimizer):
-                    advice = "run again with a lower --lr" if saved is None else \
-                        f"{last_save(checkpoint_path, saved)}, or lower --lr in a new --out_dir"
-                    raise RunError(f"not saving step {step}: {problem} (the run diverged): "
-                                   f"{advice}")
+                check_good(model, optimizer, step, checkpoint_path, saved)
                 if main_process:
                     save_checkpoint(checkpoint_path, step, model, optimizer, s, group, data)
                 saved = step
@@ -517,6 +507,59 @@ def train_loop(s, group, model, optimizer, examples, pad_id, log, step, data):
     return step
 
 
+def runs_on(s, group):
+    """The device this process trains on."""
+    return group.device if group else s.device
+
+
+def backward_step(s, group, runner, params, examples, batches, pad_id, step, stop):
+    """The gradients of one optimizer step, its micro-batches summed: (mean loss, tokens).
+
+    With several processes each takes every world_size-th micro-batch; the loss is the mean over
+    all micro-batches of the step in any case, so the summed gradients are the single process's.
+    """
+    device = runs_on(s, group)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
+                else contextlib.nullcontext())
+    loss_sum, tokens = torch.zeros((), device=device), 0
+    mine = range(group.rank, len(batches), group.world_size) if group else range(len(batches))
+    for index in mine:
+        if signum := runs.pending_stop():
+            raise stop(signum, during=step + 1)
+        torch.manual_seed(micro_batch_seed(s, step, index))  # this micro-batch's dropout masks
+        idx, labels, mask = collate([examples[i] for i in batches[index]], pad_id)
+        tokens += int(mask.sum())  # counted on the CPU tensor: no device sync
+        idx, labels, mask = (t.to(device, non_blocking=True) for t in (idx, labels, mask))
+        with autocast:
+            # position t predicts token t + 1; -100 marks padding (and a masked prompt). collate
+            # pads on the right, so attention needs no mask: only the gates read it
+            loss = runner(idx, attention_mask=mask, labels=labels, right_padded=True)
+        (loss / len(batches)).backward()
+        loss_sum += loss.detach() / len(batches)
+    if group:
+        distributed.sum_gradients(params)
+        totals = torch.stack([loss_sum, torch.tensor(float(tokens), device=device)])
+        distributed.sum_across([totals])
+        loss_sum, tokens = totals[0], int(totals[1])
+    return loss_sum.item(), tokens
+
+
+def gate_record(model, examples, batch, pad_id, device):
+    """A few gate statistics for the log, from one micro-batch run again without gradients:
+    about 1 / (3 x grad_accum x gate_log_every) of the compute."""
+    idx, _, mask = collate([examples[i] for i in batch], pad_id)
+    summary = gates.summary(model, idx.to(device), mask.to(device))
+    return {"gates": summary} if summary else {}
+
+
+def check_good(model, optimizer, step, checkpoint_path, saved):
+    """Refuse to call a diverged step good: no checkpoint holds a non-finite or runaway number."""
+    if problem := checkpoint_problem(model, optimizer):
+        advice = "run again with a lower --lr" if saved is None else \
+            f"{last_save(checkpoint_path, saved)}, or lower --lr in a new --out_dir"
+        raise RunError(f"not saving step {step}: {problem} (the run diverged): {advice}")
+
+
 def last_save(path, saved):
     if saved is None:
         return "nothing was saved yet: run the same command again to start over"
@@ -531,10 +574,10 @@ def checkpoint_problem(model, optimizer):
 
 def save_checkpoint(path, step, model, optimizer, settings, group, data):
     # no RNG state: data order and dropout are seeded per epoch and per micro-batch
-    state = {"step": step, "settings": asdict(settings), "world_size": group.world_size if group else 1,
-             "data": data,
+    state = {"step": step, "settings": asdict(settings),
+             "world_size": group.world_size if group else 1, "data": data,
              "adapter": adapters.adapter_state_dict(model), "optimizer": optimizer.state_dict()}
-    runs.save_torch(path, state)  # atomic: a crash or a full disk leaves the previous checkpoint intact
+    runs.save_torch(path, state)  # atomic: a crash or a full disk leaves the last one intact
 
 
 def resume(path, model, optimizer, s, group, record, total_steps):
@@ -544,9 +587,10 @@ def resume(path, model, optimizer, s, group, record, total_steps):
     check_checkpoint(path, state, s, record, tensors, params, total_steps)
     world_size = group.world_size if group else 1
     if state["world_size"] != world_size:
-        raise RunError(f"{path} was written by a run of {state['world_size']} process(es), this one has {world_size}: "
-                       f"resume it with the same number (torchrun --nproc_per_node {state['world_size']}, or "
-                       "python train.py for 1)")
+        saved = state["world_size"]
+        raise RunError(f"{path} was written by a run of {saved} process(es), this one has "
+                       f"{world_size}: resume it with the same number (torchrun --nproc_per_node "
+                       f"{saved}, or python train.py for 1)")
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, tensor in state["adapter"].items():

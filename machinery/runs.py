@@ -27,7 +27,7 @@ import signal
 import sys
 import tempfile
 import threading
-from dataclasses import fields
+from dataclasses import field, fields
 from pathlib import Path
 
 import torch
@@ -41,6 +41,12 @@ class RunError(ValueError):
 
 
 # ----------------------------------------------------------------------------- settings
+
+def flag(default, help, **bounds):
+    """A settings field that becomes --name: its default, its help, and bounds ("min", "above",
+    "below") that settings_from_command_line checks."""
+    return field(default=default, metadata={"help": help, **bounds})
+
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a bad flag is a RunError (one line) instead of the usage text and exit."""

@@ -180,7 +180,7 @@ def test_the_readme_prompt_and_cutoff_figures_for_the_byte_tokenizer(adapters_di
     assert sum(n >= 1024 for n in lengths) == 48  # cut at 1024: items of 1024 tokens or more
 
 
-@pytest.mark.parametrize("cutoff_len", [100, 250, 260, 2000])
+@pytest.mark.parametrize("cutoff_len", [100, 250, 260, 1000])
 def test_truncation_note_counts_the_items_cut(tmp_path, cutoff_len, capsys):
     import train as train_script  # the note as a training run prints it
     data_dir = write_tiny_task(tmp_path / "data")
