@@ -139,7 +139,8 @@ def bytes_to_unicode():
     """GPT-2's byte -> printable character table: BPE tokens are strings of these characters."""
     # printable Latin-1 bytes stand for themselves; the rest (controls, space, ...) are
     # shifted to 256+ so that no token contains whitespace or control characters
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     table, shifted = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -163,7 +164,8 @@ class BPETokenizer:
             self.token_to_id = read_vocab(folder / "vocab.json")
             merges = read_merges(folder / "merges.txt")
             self.pretokenizer, self.ignore_merges, template_bos = gpt2_pretokenizer(), False, None
-        else:  # transformers 5 saves only tokenizer.json, which holds the same vocabulary and merges
+        else:
+            # transformers 5 saves only tokenizer.json, which holds the same vocabulary and merges
             bpe, self.pretokenizer, self.normalize, template_bos = read_tokenizer_json(folder)
             self.token_to_id = bpe["vocab"]
             merges = [tuple(m.split(" ") if isinstance(m, str) else m) for m in bpe["merges"]]
@@ -191,8 +193,8 @@ class BPETokenizer:
             added[eot] = dict(id=self.token_to_id[eot], lstrip=False, rstrip=False,
                               single_word=False, normalized=False)
         if eot not in added:
-            raise DataError(f"{folder}: expected the token {eot} in vocab.json or the added tokens, "
-                            f"found none: is this a GPT-2/GPT-J tokenizer folder?")
+            raise DataError(f"{folder}: expected the token {eot} in vocab.json or the added "
+                            f"tokens, found none: is this a GPT-2/GPT-J tokenizer folder?")
         self.set_added(added)
         self.bos_id = self.eos_id = self.pad_id = added[eot]["id"]
         self.stop_ids = [self.eos_id]
@@ -329,19 +331,21 @@ class BPETokenizer:
             elif i in self.id_to_token:
                 data += bytes(self.char_to_byte[c] for c in self.id_to_token[i])
             else:
-                raise DataError(f"token id {i} is outside this vocabulary (0..{self.vocab_size - 1}): "
-                                f"does the model match the tokenizer?")
+                raise DataError(f"token id {i} is outside this vocabulary "
+                                f"(0..{self.vocab_size - 1}): does the model match the tokenizer?")
         return data.decode("utf-8", errors="replace")
 
 
 def read_added_tokens(folder):
-    """{content: {id, lstrip, rstrip, single_word, normalized}} from the files transformers writes."""
+    """{content: {id, lstrip, rstrip, single_word, normalized}} from the files transformers
+    writes."""
     added = {}
     # the reference's defaults for a token that gives no flags (added_tokens.json gives none)
     defaults = dict(lstrip=False, rstrip=False, single_word=False, normalized=True)
 
     def add(content, token_id, spec):
-        added[content] = {**defaults, **{k: spec[k] for k in defaults if k in spec}, "id": int(token_id)}
+        flags = {k: spec[k] for k in defaults if k in spec}
+        added[content] = {**defaults, **flags, "id": int(token_id)}
 
     # later files describe the same tokens more fully, so they win
     path = folder / "added_tokens.json"  # {content: id}, GPT-J's hub layout
@@ -661,7 +665,8 @@ def load_tokenizer(folder):
     # the folder's own files first; Meta's LLaMA download keeps tokenizer.model one level up
     if (folder / "tokenizer.model").exists():
         return model_file_tokenizer(folder / "tokenizer.model")
-    if (folder / "vocab.json").exists() and (folder / "merges.txt").exists() or is_bpe_tokenizer_json(folder):
+    has_vocab_and_merges = (folder / "vocab.json").exists() and (folder / "merges.txt").exists()
+    if has_vocab_and_merges or is_bpe_tokenizer_json(folder):
         return BPETokenizer(folder)
     if (folder.parent / "tokenizer.model").exists():
         return model_file_tokenizer(folder.parent / "tokenizer.model")
@@ -676,7 +681,8 @@ def model_file_tokenizer(path):
 
 
 def tokenizer_for(checkpoint_dir):
-    """The tokenizer of a checkpoint folder; bytes for the random tiny presets, which have none (None)."""
+    """The tokenizer of a checkpoint folder; bytes for the random tiny presets, which have none
+    (None)."""
     return ByteTokenizer() if checkpoint_dir is None else load_tokenizer(checkpoint_dir)
 
 
@@ -684,11 +690,12 @@ def tokenizer_for(checkpoint_dir):
 # -----------------------------------------------------------------------------
 # Tasks: LLM-Adapters' JSON lists of {instruction, input, output, answer}
 
-MATH_DATASETS = ["SVAMP", "AQuA", "AddSub", "MultiArith", "SingleEq", "gsm8k"]  # paper's table order
-COMMONSENSE_DATASETS = ["ARC-Challenge", "ARC-Easy", "boolq", "winogrande", "piqa", "social_i_qa", "openbookqa"]
-TASKS = {  # name -> (training file, test sets, max new tokens at generation: room for a worked answer, or a keyword)
-    "math": ("ft-training_set/math_data.json", MATH_DATASETS, 256),
-    "commonsense": ("ft-training_set/commonsense_15k.json", COMMONSENSE_DATASETS, 32),
+MATH_DATASETS = ["SVAMP", "AQuA", "AddSub", "MultiArith", "SingleEq", "gsm8k"]  # the paper's order
+COMMONSENSE_DATASETS = ["ARC-Challenge", "ARC-Easy", "boolq", "winogrande", "piqa", "social_i_qa",
+                        "openbookqa"]
+TASKS = {  # name -> (training file, test sets, max new tokens at generation)
+    "math": ("ft-training_set/math_data.json", MATH_DATASETS, 256),  # room for a worked answer
+    "commonsense": ("ft-training_set/commonsense_15k.json", COMMONSENSE_DATASETS, 32),  # a keyword
 }
 
 
@@ -707,8 +714,10 @@ def read_items(path):
     path = Path(path)
     if not path.exists():
         # files live at <data_dir>/dataset/NAME/test.json or <data_dir>/ft-training_set/X.json
-        data_dir = next((p.parent for p in path.parents if p.name in ("dataset", "ft-training_set")), path.parent)
-        raise DataError(f'{path} not found: run "python data.py download --data_dir {data_dir}" first')
+        data_folders = ("dataset", "ft-training_set")
+        data_dir = next((p.parent for p in path.parents if p.name in data_folders), path.parent)
+        raise DataError(f'{path} not found: '
+                        f'run "python data.py download --data_dir {data_dir}" first')
     try:
         items = json.loads(path.read_text(encoding="utf-8"))
     except PermissionError:
@@ -717,7 +726,8 @@ def read_items(path):
         raise DataError(f"{path}: invalid JSON at line {e.lineno} column {e.colno} ({e.msg}): "
                         f"delete it and download it again") from None
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}): delete it and download it again") from None
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}): "
+                        "delete it and download it again") from None
     if not isinstance(items, list):
         raise DataError(f"{path}: expected a JSON list of items, found {type(items).__name__}: "
                         f"is this an LLM-Adapters file?")
@@ -725,7 +735,8 @@ def read_items(path):
         if not isinstance(item, dict):
             raise DataError(f"{path}: item {index}: expected a dict, found {type(item).__name__}: "
                             f"fix or re-download the file")
-        item = {"input": "", **item}  # an empty input may be left out (LLM-Adapters' files never do)
+        # an empty input may be left out (LLM-Adapters' files never do)
+        item = {"input": "", **item}
         # every field a string of Unicode text (other fields too: the math split compares whole
         # records), the four known ones there
         rules = {key: _TEXT for key in item} | _ITEM_FIELDS
@@ -752,7 +763,8 @@ def load_task(name, data_dir, datasets=None, with_train=True):
     datasets = all_datasets if datasets is None else list(datasets)
     unknown = [d for d in datasets if d not in all_datasets]
     if unknown:
-        raise DataError(f"unknown {name} dataset(s) {', '.join(unknown)}: expected some of {', '.join(all_datasets)}")
+        raise DataError(f"unknown {name} dataset(s) {', '.join(unknown)}: "
+                        f"expected some of {', '.join(all_datasets)}")
     datasets = [d for d in all_datasets if d in datasets]  # tables always in the paper's order
     data_dir = Path(data_dir)
     test = {d: read_items(data_dir / dataset_file(d)) for d in datasets}
@@ -767,22 +779,27 @@ def load_task(name, data_dir, datasets=None, with_train=True):
     if name == "math":
         # math_data.json holds 80% of every full test set: the test split is what remains
         # (records equal as a whole; MultiArith has 10 duplicates, hence 110 not 120)
-        seen = {tuple(sorted(item.items())) for item in train}  # dicts are unhashable, sorted tuples are not
-        test = {d: [item for item in items if tuple(sorted(item.items())) not in seen] for d, items in test.items()}
+        def record(item):  # dicts are unhashable, sorted tuples are not
+            return tuple(sorted(item.items()))
+        seen = set(map(record, train))
+        test = {d: [item for item in items if record(item) not in seen]
+                for d, items in test.items()}
     return Task(name, train if with_train else None, test, max_new_tokens)
 
 
 # -----------------------------------------------------------------------------
 # The prompt (the same string in training and evaluation) and batching
 
-PROMPT_HEADER = ("Below is an instruction that describes a task, paired with an input that provides "
-                 "further context. Write a response that appropriately completes the request.")
+PROMPT_HEADER = ("Below is an instruction that describes a task, paired with an input that "
+                 "provides further context. Write a response that appropriately completes the "
+                 "request.")
 
 
 def generate_prompt(instruction, input="", output=""):
     """Training text when given the output; without it, the prompt the model continues."""
     input_section = f"### Input:\n{input}\n\n" if input else ""
-    return f"{PROMPT_HEADER}\n\n### Instruction:\n{instruction}\n\n{input_section}### Response:\n{output}"
+    return (f"{PROMPT_HEADER}\n\n### Instruction:\n{instruction}\n\n"
+            f"{input_section}### Response:\n{output}")
 
 
 def tokenize_item(tokenizer, item, cutoff_len=256, train_on_inputs=True):
@@ -796,7 +813,8 @@ def tokenize_item(tokenizer, item, cutoff_len=256, train_on_inputs=True):
     if not train_on_inputs:
         # as LLM-Adapters: mask as many tokens as the prompt alone encodes to (BPE may merge
         # differently across the prompt/response boundary, so this count is approximate there)
-        prompt_len = len(tokenizer.encode(generate_prompt(item["instruction"], item.get("input", ""))))
+        prompt = generate_prompt(item["instruction"], item.get("input", ""))
+        prompt_len = len(tokenizer.encode(prompt))
         labels[:prompt_len] = [-100] * min(prompt_len, len(labels))
     return input_ids, labels
 
@@ -814,7 +832,8 @@ def truncation_note(examples, cutoff_len, eos_id):
 
 
 def collate(examples, pad_id):
-    """Right-pad [(input_ids, labels), ...] for training: (input_ids, labels, attention_mask), each (B, T)."""
+    """Right-pad [(input_ids, labels), ...] for training: (input_ids, labels, attention_mask),
+    each (B, T)."""
     lengths = torch.tensor([len(ids) for ids, _ in examples])  # (B,)
     T = int(lengths.max())
     input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
@@ -839,7 +858,8 @@ KEYWORDS = {  # commonsense dataset -> the first match of this pattern is the pr
 
 
 def extract_answer(dataset, response):
-    """The prediction in a generated response: float (math), letter (AQuA), keyword; None if none."""
+    """The prediction in a generated response: float (math), letter (AQuA), keyword; None if
+    none."""
     if dataset in MATH_DATASETS and dataset != "AQuA":
         # the last number, commas removed ("1,000" -> 1000); "-?\d+\.?\d*" as LLM-Adapters
         numbers = re.findall(r"-?\d+\.?\d*", response.replace(",", ""))
@@ -852,11 +872,13 @@ def extract_answer(dataset, response):
         # case-sensitive, as LLM-Adapters: "True" is no boolq answer
         keywords = re.findall(KEYWORDS[dataset], response.strip())
         return keywords[0] if keywords else None
-    raise DataError(f"unknown dataset {dataset!r}: expected one of {', '.join(MATH_DATASETS + COMMONSENSE_DATASETS)}")
+    known = ", ".join(MATH_DATASETS + COMMONSENSE_DATASETS)
+    raise DataError(f"unknown dataset {dataset!r}: expected one of {known}")
 
 
 def is_correct(dataset, response, answer):
-    """LLM-Adapters' verdict: numbers within 0.001, letters and keywords equal; no answer is wrong."""
+    """LLM-Adapters' verdict: numbers within 0.001, letters and keywords equal; no answer is
+    wrong."""
     prediction = extract_answer(dataset, response)
     if prediction is None:
         return False
@@ -886,7 +908,9 @@ def main(argv=None):
     parser = runs.OneLineParser(description="Fetch the LLM-Adapters data files the tasks use.")
     commands = parser.add_subparsers(dest="command", required=True)
     fetch = commands.add_parser("download", help="download the training and test files")
-    fetch.add_argument("--data_dir", default="data", help="where to put dataset/ and ft-training_set/ (default: data)")
+    fetch.add_argument("--data_dir", default="data",
+                       help="where to put dataset/ and ft-training_set/ (default: data)")
+
     fetch.add_argument("--task", default="all", choices=["math", "commonsense", "all"],
                        help="which task's training and test files (default: all)")
     fetch.add_argument("--base_url", default=BASE_URL,

@@ -1,7 +1,8 @@
 """What the gates learned: a report on a trained InterLoRA adapter, with tables and pictures.
 
     python report.py --adapter out/llama-7b-math-interlora/adapter.pt
-    python report.py --adapter out/tiny-math-interlora/adapter.pt --runs out/tiny-math-lora --limit 20
+    python report.py --adapter out/tiny-math-interlora/adapter.pt --limit 20
+    python report.py --adapter out/tiny-math-interlora/adapter.pt --runs out/tiny-math-lora
 
 Runs the task's test prompts (or, with --items train, the training texts) through the model
 with the adapter and records every gated layer's gates (gates.py): per layer and head the mean,
@@ -28,7 +29,8 @@ from machinery import gates  # noqa: E402
 import interlora  # noqa: E402
 from machinery import memory  # noqa: E402
 from machinery import runs  # noqa: E402
-from data import DataError, collate, generate_prompt, load_task, tokenize_item, tokenizer_for  # noqa: E402
+from data import (DataError, collate, generate_prompt, load_task, tokenize_item,  # noqa: E402
+                  tokenizer_for)
 from machinery.memory import NotEnoughMemory  # noqa: E402
 from machinery.checkpoints import load_model, model_config  # noqa: E402
 from model import CheckpointError  # noqa: E402
@@ -41,21 +43,29 @@ PICTURE_SIZE = (8, 5)  # inches at 100 dpi: 800 x 500 pixels
 @dataclass
 class ReportSettings:
     adapter: str = field(default="", metadata={"help": "adapter file written by train.py"})
-    items: str = field(default="test", metadata={"help": "test: the prompts eval.py gives the model; train: the "
-                                                 "training texts as train.py sees them (default: test)"})
-    data_dir: str = field(default="data", metadata={"help": "LLM-Adapters data (python data.py download)"})
-    datasets: str = field(default="", metadata={"help": "comma-separated test sets (default: all of the task)"})
-    limit: int = field(default=0, metadata={"help": "only the first N items of each set (default 0: all)", "min": 0})
+    items: str = field(default="test", metadata={
+        "help": "test: the prompts eval.py gives the model; train: the training texts as train.py "
+                "sees them (default: test)"})
+    data_dir: str = field(default="data", metadata={
+        "help": "LLM-Adapters data (python data.py download)"})
+    datasets: str = field(default="", metadata={
+        "help": "comma-separated test sets (default: all of the task)"})
+    limit: int = field(default=0, metadata={
+        "help": "only the first N items of each set (default 0: all)", "min": 0})
     batch_size: int = field(default=16, metadata={"help": "prompts per forward pass", "min": 1})
-    cutoff_len: int = field(default=256, metadata={"help": "tokens per training text (--items train)", "min": 2})
-    runs: str = field(default="", metadata={"help": "comma-separated run folders whose loss curves go beside this one's"})
-    checkpoint_dir: str = field(default="", metadata={"help": "folder of the base weights (default: the adapter's)"})
+    cutoff_len: int = field(default=256, metadata={
+        "help": "tokens per training text (--items train)", "min": 2})
+    runs: str = field(default="", metadata={
+        "help": "comma-separated run folders whose loss curves go beside this one's"})
+    checkpoint_dir: str = field(default="", metadata={
+        "help": "folder of the base weights (default: the adapter's)"})
     dtype: str = field(default="", metadata={
         "help": "the base's dtype: bf16, fp16 or fp32 (default: the adapter's, as it was trained)"})
     quantize: str = field(default="", metadata={
         "help": "int8 or nf4: keep the base's block weights in 8 or 4 bits; none: do not "
                 "(default: as the adapter was trained)"})
-    out_dir: str = field(default="", metadata={"help": "output folder (default: report-<task> beside the adapter)"})
+    out_dir: str = field(default="", metadata={
+        "help": "output folder (default: report-<task> beside the adapter)"})
     device: str = field(default="", metadata={"help": "cuda or cpu (default: cuda when available)"})
 
 
@@ -76,14 +86,18 @@ def parse_settings(argv=None):
 def token_batches(s, task, tokenizer):
     """{dataset: [(idx, mask), ...]}: the inputs of each dataset, right-padded in batches."""
     if s.items == "train":
-        texts = {"training set": [tokenize_item(tokenizer, item, s.cutoff_len) for item in task.train[: s.limit or None]]}
+        items = task.train[: s.limit or None]
+        texts = {"training set": [tokenize_item(tokenizer, item, s.cutoff_len) for item in items]}
     else:
-        texts = {name: [(ids, ids) for ids in (tokenizer.encode(generate_prompt(item["instruction"], item["input"]))
-                                               for item in test[: s.limit or None])]
-                 for name, test in task.test.items()}
+        texts = {}
+        for name, test in task.test.items():
+            items = test[: s.limit or None]
+            prompts = [generate_prompt(item["instruction"], item["input"]) for item in items]
+            texts[name] = [(ids, ids) for ids in map(tokenizer.encode, prompts)]
     batches = {}
     for name, examples in texts.items():
-        collated = [collate(examples[i:i + s.batch_size], tokenizer.pad_id) for i in range(0, len(examples), s.batch_size)]
+        starts = range(0, len(examples), s.batch_size)
+        collated = [collate(examples[i:i + s.batch_size], tokenizer.pad_id) for i in starts]
         batches[name] = [(idx, mask) for idx, _, mask in collated]
     return batches
 
@@ -93,20 +107,26 @@ def report(s):
     adapter = runs.AdapterBytes(s.adapter)
     payload = adapters.read_adapter(adapter.open())
     info, method = payload["info"], payload["method"]
-    cfg = None if method in adapters.BASELINES else interlora.InterLoRAConfig(**payload["config"])  # no gates
+    if method in adapters.BASELINES:
+        cfg = None  # no gates
+    else:
+        cfg = interlora.InterLoRAConfig(**payload["config"])
     if cfg is None or not (cfg.attention_gate or cfg.ffn_gate != "none"):
-        raise RunError(f"{s.adapter} has no gates (method {info.get('method', method)}): a gate report needs "
-                       "an InterLoRA variant with a head or an FFN gate")
+        raise RunError(f"{s.adapter} has no gates (method {info.get('method', method)}): "
+                       "a gate report needs an InterLoRA variant with a head or an FFN gate")
     if not info.get("model") or not info.get("task"):  # every adapter train.py writes names both
-        raise RunError(f"{s.adapter} names no model or task (info.model, info.task): train it again")
+        raise RunError(f"{s.adapter} names no model or task (info.model, info.task): "
+                       "train it again")
     task_name = info["task"]
     # the base the adapter was trained on, unless flags say otherwise
     model_name, checkpoint_dir, base_note = runs.recorded_base(s, info, s.adapter)
     config, folder = model_config(model_name, checkpoint_dir)
     s.dtype, note = memory.plan(config, s.device, s.dtype, s.quantize or None, training=False,
                                 batch_size=s.batch_size, seq_len=s.cutoff_len)
-    out_dir = s.out_dir or os.path.join(os.path.dirname(os.path.abspath(s.adapter)), f"report-{task_name}")
-    print(json.dumps(asdict(s) | {"model": model_name, "task": task_name, "out_dir": out_dir}, indent=2))
+    adapter_folder = os.path.dirname(os.path.abspath(s.adapter))
+    out_dir = s.out_dir or os.path.join(adapter_folder, f"report-{task_name}")
+    shown = asdict(s) | {"model": model_name, "task": task_name, "out_dir": out_dir}
+    print(json.dumps(shown, indent=2))
     for line in (base_note, note):
         if line:
             print(line)
@@ -116,10 +136,12 @@ def report(s):
     other_runs = [Path(folder) for folder in s.runs.split(",") if folder.strip()]
     for folder in other_runs:
         if not (folder / "log.jsonl").exists():
-            raise RunError(f"{folder} holds no log.jsonl: --runs takes the output folders of train.py")
+            raise RunError(f"{folder} holds no log.jsonl: --runs takes the output folders of "
+                           "train.py")
     runs.check_output_dir(out_dir)
 
-    model = load_model(model_name, folder, device=s.device, dtype=memory.DTYPES[s.dtype], quantize=s.quantize or None)
+    model = load_model(model_name, folder, device=s.device, dtype=memory.DTYPES[s.dtype],
+                       quantize=s.quantize or None)
     adapters.load_adapter(model, adapter.open())  # the bytes the record came from
     model.eval()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.device.startswith("cuda"))
@@ -134,66 +156,81 @@ def report(s):
 
     out = runs.OutputDir(out_dir)
     try:
-        runs.write_json(out / "gates.json", {"adapter": s.adapter, "model": model_name, "task": task_name,
-                                             "items": s.items, "config": asdict(cfg), "statistics": statistics,
-                                             "steps": [{"step": r["step"], **r["gates"]} for r in steps if "gates" in r]})
+        gates_per_step = [{"step": r["step"], **r["gates"]} for r in steps if "gates" in r]
+        runs.write_json(out / "gates.json", {"adapter": s.adapter, "model": model_name,
+                                             "task": task_name, "items": s.items,
+                                             "config": asdict(cfg), "statistics": statistics,
+                                             "steps": gates_per_step})
         runs.write_text(out / "gates.md", markdown(s, model_name, cfg, statistics))
         pictures = draw(out.path, statistics, steps, [(Path(s.adapter).parent, steps)] +
                         [(folder, read_log(folder / "log.jsonl")) for folder in other_runs])
     finally:
         out.close()
     print(f"wrote gates.json and gates.md into {out_dir}")
-    print(f"pictures: {', '.join(pictures)}" if pictures is not None else
-          "pictures need matplotlib, which is not installed: pip install matplotlib, then run this again")
+    if pictures is not None:
+        print(f"pictures: {', '.join(pictures)}")
+    else:
+        print("pictures need matplotlib, which is not installed: pip install matplotlib, "
+              "then run this again")
     return statistics
 
 
 def read_log(path):
     """The records of a run's log.jsonl (a missing file has none)."""
-    return runs.JsonLines(path).read(lambda r: isinstance(r, dict) and {"step", "loss", "lr"} <= r.keys())[0]
+    def is_step_record(record):
+        return isinstance(record, dict) and {"step", "loss", "lr"} <= record.keys()
+    return runs.JsonLines(path).read(is_step_record)[0]
 
 
-# ----------------------------------------------------------------------------- the Markdown summary
+# --------------------------------------------------------------------------- the Markdown summary
 
 def markdown(s, model_name, cfg, statistics):
     everything = statistics["all"]
+    groups = [g for g in statistics if g != "all"]
     lines = [f"# Gate report: {s.adapter}", "",
-             f"{model_name}, {cfg.method} (gate pool {cfg.gate_pool}, FFN gate {cfg.ffn_gate}); inputs: the "
-             f"{s.items} items of {', '.join(g for g in statistics if g != 'all')}.", ""]
+             f"{model_name}, {cfg.method} (gate pool {cfg.gate_pool}, FFN gate {cfg.ffn_gate}); "
+             f"inputs: the {s.items} items of {', '.join(groups)}.", ""]
     if not everything["heads"]:
         lines += ["This variant has no head gates (attention_gate is off): no head maps.", ""]
     if not everything["ffn"]:
         lines += ["This variant has no FFN gate (ffn_gate is none): no FFN pictures.", ""]
     for role, layers in everything["heads"].items():
-        cells = [(layer["mean"][h], layer["layer"], h) for layer in layers for h in range(len(layer["mean"]))]
+        cells = [(layer["mean"][h], layer["layer"], h)
+                 for layer in layers for h in range(len(layer["mean"]))]
         cells.sort()
+        most_open = ", ".join(f"layer {i} head {h} ({v:.3f})" for v, i, h in cells[::-1][:3])
+        most_closed = ", ".join(f"layer {i} head {h} ({v:.3f})" for v, i, h in cells[:3])
         spread = max(layers, key=lambda layer: max(layer["mean"]) - min(layer["mean"]))
         lines += [f"## Head gates on {role} (Eq. 5)", "",
-                  "Most open: " + ", ".join(f"layer {i} head {h} ({v:.3f})" for v, i, h in cells[::-1][:3]) + ".",
-                  "Most closed: " + ", ".join(f"layer {i} head {h} ({v:.3f})" for v, i, h in cells[:3]) + ".",
-                  f"Widest spread between heads: layer {spread['layer']} ({min(spread['mean']):.3f} to "
-                  f"{max(spread['mean']):.3f}).", "",
-                  "| layer | mean | lowest head | highest head | std within sequences (mean over heads) |",
+                  "Most open: " + most_open + ".",
+                  "Most closed: " + most_closed + ".",
+                  f"Widest spread between heads: layer {spread['layer']} "
+                  f"({min(spread['mean']):.3f} to {max(spread['mean']):.3f}).", "",
+                  "| layer | mean | lowest head | highest head "
+                  "| std within sequences (mean over heads) |",
                   "|---|---|---|---|---|"]
         for layer in layers:
             means = layer["mean"]
-            low, high = min(range(len(means)), key=means.__getitem__), max(range(len(means)), key=means.__getitem__)
-            lines.append(f"| {layer['layer']} | {sum(means) / len(means):.3f} | {low} ({means[low]:.3f}) | "
-                         f"{high} ({means[high]:.3f}) | {sum(layer['std']) / len(layer['std']):.3f} |")
+            low = min(range(len(means)), key=means.__getitem__)
+            high = max(range(len(means)), key=means.__getitem__)
+            std = sum(layer["std"]) / len(layer["std"])  # within sequences, mean over heads
+            lines.append(f"| {layer['layer']} | {sum(means) / len(means):.3f} | "
+                         f"{low} ({means[low]:.3f}) | {high} ({means[high]:.3f}) | {std:.3f} |")
         lines.append("")
     for role, layers in everything["ffn"].items():
         most = max(layers, key=lambda layer: layer["zero_fraction"])
         least = min(layers, key=lambda layer: layer["zero_fraction"])
         lines += [f"## FFN gates on {role} (Eq. 7)", "",
-                  f"The gate is exactly 0 (the feature keeps its pre-trained value) for {most['zero_fraction']:.1%} "
-                  f"of token-features in layer {most['layer']}, the most, and {least['zero_fraction']:.1%} in layer "
-                  f"{least['layer']}, the fewest.", "",
+                  "The gate is exactly 0 (the feature keeps its pre-trained value) for "
+                  f"{most['zero_fraction']:.1%} of token-features in layer {most['layer']}, "
+                  f"the most, and {least['zero_fraction']:.1%} in layer {least['layer']}, "
+                  "the fewest.", "",
                   "| layer | zero fraction | mean magnitude | α |", "|---|---|---|---|"]
         for layer in layers:
             alpha = f"{layer['alpha']:.3f}" if "alpha" in layer else "-"
-            lines.append(f"| {layer['layer']} | {layer['zero_fraction']:.3f} | {layer['mean_magnitude']:.4f} | {alpha} |")
+            lines.append(f"| {layer['layer']} | {layer['zero_fraction']:.3f} | "
+                         f"{layer['mean_magnitude']:.4f} | {alpha} |")
         lines.append("")
-    groups = [g for g in statistics if g != "all"]
     if len(groups) > 1:
         lines += ["## Between datasets", ""]
         for role, layers in everything["heads"].items():
@@ -201,19 +238,24 @@ def markdown(s, model_name, cfg, statistics):
             for position, layer in enumerate(layers):
                 for h in range(len(layer["mean"])):
                     values = {g: statistics[g]["heads"][role][position]["mean"][h] for g in groups}
-                    differences.append((max(values.values()) - min(values.values()), layer["layer"], h, values))
+                    gap = max(values.values()) - min(values.values())
+                    differences.append((gap, layer["layer"], h, values))
             gap, index, h, values = max(differences, key=lambda d: d[0])
             lines.append(f"- {role}: layer {index} head {h} differs most ({gap:.3f}): "
                          + ", ".join(f"{g} {v:.3f}" for g, v in values.items()) + ".")
         for role, layers in everything["ffn"].items():
-            values = {g: sum(layer["zero_fraction"] for layer in statistics[g]["ffn"][role]) / len(layers) for g in groups}
+            values = {}
+            for g in groups:
+                zero_fractions = [layer["zero_fraction"] for layer in statistics[g]["ffn"][role]]
+                values[g] = sum(zero_fractions) / len(layers)
+
             lines.append(f"- FFN {role}, zero fraction over all layers: "
                          + ", ".join(f"{g} {v:.3f}" for g, v in values.items()) + ".")
         lines.append("")
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------- pictures
+# --------------------------------------------------------------------------- pictures
 
 def draw(folder, statistics, steps, logs):
     """Every picture as PNG and SVG; the names written, or None without matplotlib."""
