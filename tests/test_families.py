@@ -217,9 +217,10 @@ def test_tied_output_is_never_an_adapter_target_and_merge_keeps_it_shared(tmp_pa
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_train_two_steps_on_a_family_folder(tmp_path, data_dir, family):
+def test_train_two_steps_and_evaluate_on_a_family_folder(tmp_path, data_dir, family):
     """train.py's main in-process on the tiny sharded folder: two InterLoRA steps that move B,
-    the adapter file without the (shared) embedding, and loadable onto the folder's model."""
+    the adapter file without the (shared) embedding, loadable onto the folder's model; then
+    eval.py on that adapter, the base found from its record."""
     hf_model = family_model(family)
     folder = write_byte_bpe(save_sharded(hf_model, tmp_path / family))
     out = tmp_path / "run"
@@ -235,6 +236,18 @@ def test_train_two_steps_on_a_family_folder(tmp_path, data_dir, family):
     adapters.load_adapter(model, out / "adapter.pt")
     tied = model.output.weight is model.tok_embeddings.weight
     assert tied == hf_model.config.tie_word_embeddings
+    import eval as eval_script
+    # the random model may pick any of its VOCAB ids: name the ones past the bytes, as a real
+    # tokenizer names every row of its model's embedding
+    vocab = json.loads((folder / "vocab.json").read_text())
+    vocab |= {f"<|extra_{i}|>": i for i in range(max(vocab.values()) + 1, VOCAB)}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    accuracy = eval_script.main(["--adapter", str(out / "adapter.pt"), "--data_dir", str(data_dir),
+                                 "--datasets", "AddSub", "--limit", "2", "--max_new_tokens", "4",
+                                 "--out_dir", str(tmp_path / "eval"), "--device", "cpu"])
+    assert set(accuracy) == {"AddSub"}
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["items"] == {"AddSub": 2} and results["model"] == str(folder)
 
 
 @pytest.mark.parametrize("dim, factor", [(2048, 32.0), (3072, 32.0), (4096, 8.0), (8192, 8.0)])
