@@ -76,3 +76,18 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+
+
+# The longest tests (tens of seconds each: whole runs, torchrun, compiled graphs) start first, so
+# that under pytest -n 2 the other worker takes the many short ones and no long test is left to
+# run alone at the end.
+LONG_TESTS = ("test_training_and_evaluation_end_to_end", "test_training_step_is_one_graph",
+              "test_two_processes", "test_training_killed_at_any_moment",
+              "test_bad_input_is_one_clear_line", "test_a_bad_setup_is_one_line",
+              "test_decode_step_", "test_a_killed_process", "test_every_row_runs",
+              "test_training_stopped_by_sigterm", "test_evaluation_killed_at_any_moment",
+              "test_sigterm_to_torchrun", "test_a_sharded_base")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: not any(name in item.name for name in LONG_TESTS))

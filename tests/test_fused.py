@@ -1,12 +1,13 @@
 """machinery/fused.py's FusedInterLoRALinear against interlora.py's clear InterLoRALinear: the same
 parameters give the same outputs and gradients (training, fp32 and bf16 autocast, every variant,
-both poolings, a padded batch) and the same tokens from cached generation, eager and compiled."""
+both poolings, a padded batch) and the same tokens from cached generation (tests/test_fast_paths.py
+holds the compiled decode step to the eager one)."""
 import pytest
 import torch
 
 from machinery.adapters import default_targets
 import interlora
-from machinery import decode, fused
+from machinery import fused
 from model import PRESETS, ModelConfig, Transformer
 
 CASES = [(variant, pool) for variant in interlora.VARIANTS for pool in ("mean", "causal")]
@@ -84,18 +85,6 @@ def test_fused_and_clear_generate_the_same_tokens_with_the_kv_cache(variant, poo
     prompts = [[5, 9, 13, 2, 7], [11, 4], [8, 8, 3, 6]]  # ragged: generate left-pads them
     with torch.no_grad():
         assert fast.generate(prompts, 8) == clear.generate(prompts, 8)
-
-
-def test_compiled_fused_decoding_gives_the_clear_layers_tokens():
-    """The fused layer's decode step under torch.compile (machinery/decode.py, as eval.py
-    --compile runs it: the decode state kept in place) against the clear layer, eager; "causal"
-    pooling, whose gates change at every step (tests/test_fast_paths.py compiles both)."""
-    clear, fast = (m.eval() for m in pair("interlora", "causal"))
-    prompts = [[5, 9, 13, 2, 7], [11, 4], [8, 8, 3, 6]]
-    torch.compiler.reset()
-    with torch.no_grad():
-        compiled = fast.generate(prompts, 8, decode_step=decode.compiled_decode_step(fast))
-        assert compiled == clear.generate(prompts, 8)
 
 
 def test_dropout_keeps_the_expectation():
