@@ -142,7 +142,9 @@ def test_model_loss_is_the_next_token_cross_entropy(loss):
     torch.testing.assert_close(model(idx, attention_mask=mask, last_only=True), logits[:, -1:], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.05])
+# dropout 0 only: the compiled losses must equal eager's (with dropout the two draw other masks);
+# each case compiles a whole training graph, about 90-120 s on a cold 2-core CI machine
+@pytest.mark.parametrize("dropout", [0.0])
 def test_training_step_is_one_graph_for_a_whole_run(dropout):
     """As train.py compiles: dynamic=True, so batches of other lengths (each as long as its longest item) reuse it."""
     model = small_model(InterLoRAConfig(dropout=dropout)).train()
@@ -159,7 +161,8 @@ def test_training_step_is_one_graph_for_a_whole_run(dropout):
         assert compiled == pytest.approx(eager, rel=1e-5)
 
 
-@pytest.mark.parametrize("pool", ["mean", "causal"])
+# "causal": its decode state changes every step (test_fused holds both poolings' eager tokens)
+@pytest.mark.parametrize("pool", ["causal"])
 def test_decode_step_compiles_once_and_gives_the_eager_tokens(pool):
     """generate with decode.compiled_decode_step: fullgraph=True (a graph break would raise), one graph for every step and call."""
     model = small_model(InterLoRAConfig(gate_pool=pool)).eval()
@@ -180,7 +183,8 @@ def matmul_kernels(code):
     return sum(code.count(f"extern_kernels.{name}(") for name in ("mm", "addmm"))
 
 
-@pytest.mark.parametrize("name", ["tiny", "tiny-gptj"])
+# GPT-J: its biased layers (addmm) and the adapters' unbiased products (mm) in one model
+@pytest.mark.parametrize("name", ["tiny-gptj"])
 def test_decode_step_at_batch_one_computes_its_products_as_reductions(name):
     """CPU, one or two rows per step: the compiled decode step calls no matmul kernel (every weight, biased or not,
     is read by a multiply-and-sum of its own: decode.decode_backend) and gives eager's tokens; at three rows the
