@@ -323,7 +323,7 @@ def test_cached_generation_equals_one_prompt_at_a_time_and_full_recomputation(me
 def test_prefix_decode_step_compiles_once_and_gives_the_eager_tokens():
     from torch._dynamo.utils import counters
     torch.compiler.reset()
-    model = with_baseline("prefix", dim=64, n_layer=2, ffn_dim=160)
+    model = with_baseline("prefix", dim=64, n_layer=1, ffn_dim=160)
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [40] * 9]
     eager = model.generate(prompts, max_new_tokens=8)
     graphs = counters["stats"]["unique_graphs"]
