@@ -20,7 +20,7 @@ os.environ.setdefault("MKL_CBWR", "AUTO")
 import contextlib  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402

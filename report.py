@@ -26,7 +26,6 @@ import torch  # noqa: E402
 
 from machinery import adapters  # noqa: E402
 from machinery import gates  # noqa: E402
-import interlora  # noqa: E402
 from machinery import memory  # noqa: E402
 from machinery import runs  # noqa: E402
 from data import (DataError, collate, generate_prompt, load_task, tokenize_item,  # noqa: E402
@@ -107,11 +106,8 @@ def report(s):
     adapter = runs.AdapterBytes(s.adapter)
     payload = adapters.read_adapter(adapter.open())
     info, method = payload["info"], payload["method"]
-    if method in adapters.BASELINES:
-        cfg = None  # no gates
-    else:
-        cfg = interlora.InterLoRAConfig(**payload["config"])
-    if cfg is None or not (cfg.attention_gate or cfg.ffn_gate != "none"):
+    cfg = adapters.config_of(s.adapter, payload)
+    if method in adapters.BASELINES or not (cfg.attention_gate or cfg.ffn_gate != "none"):
         raise RunError(f"{s.adapter} has no gates (method {info.get('method', method)}): "
                        "a gate report needs an InterLoRA variant with a head or an FFN gate")
     if not info.get("model") or not info.get("task"):  # every adapter train.py writes names both

@@ -31,7 +31,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import signal  # noqa: E402
 import time  # noqa: E402
-from dataclasses import asdict, dataclass, field, fields  # noqa: E402
+from dataclasses import asdict, dataclass, fields  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402

@@ -168,22 +168,8 @@ def load_adapter(model, path):
     On any mismatch the model is left as it was and the error says what differs.
     """
     payload = read_adapter(path)
-    method = payload["method"]
     check_base(model, path, payload)  # one message for every method, before any tensor is copied
-    if method not in BASELINES:
-        cfg = InterLoRAConfig(**payload["config"])
-        add_adapters(model, cfg)
-        try:
-            params = {n: p for n, p in model.named_parameters() if is_adapter_parameter(n)}
-            copy_tensors(path, params, payload["tensors"])
-        except AdapterError:
-            remove_adapters(model)
-            raise
-        return cfg, payload["info"]
-    try:
-        cfg = BASELINES[method](**payload["config"])
-    except TypeError as e:
-        raise AdapterError(f"{path}: the {method} config {payload['config']} does not fit this version ({e})") from None
+    cfg = config_of(path, payload)
     add_adapters(model, cfg)
     try:
         params = {n: p for n, p in model.named_parameters() if is_adapter_parameter(n)}
@@ -194,17 +180,22 @@ def load_adapter(model, path):
     return cfg, payload["info"]
 
 
+def config_of(path, payload):
+    """The config an adapter file's payload (read_adapter's) records, of its method's class."""
+    method = payload["method"]
+    try:
+        return (BASELINES[method] if method in BASELINES else InterLoRAConfig)(**payload["config"])
+    except TypeError as e:
+        raise AdapterError(f"{path}: the {method} config {payload['config']} does not fit this "
+                           f"version ({e})") from None
+
+
 def check_base(model, path, payload=None):
     """Refuse the adapter file `path` for `model` when it was made for another base; the model is
     left as it was. Works on a model built on the meta device (eval.py checks before any weight
     is read)."""
     payload = payload or read_adapter(path)
-    method = payload["method"]
-    try:
-        cfg = (BASELINES[method] if method in BASELINES else InterLoRAConfig)(**payload["config"])
-    except TypeError as e:
-        raise AdapterError(f"{path}: the {method} config {payload['config']} does not fit this "
-                           f"version ({e})") from None
+    cfg = config_of(path, payload)
     add_adapters(model, cfg)
     try:
         base = _base_description(model, cfg)

@@ -35,7 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from interlora import AdapterError, InterLoRAConfig
+from interlora import AdapterError
 from machinery import adapters, runs
 from machinery.checkpoints import _HF_GPTJ_KEYS, _HF_LLAMA_KEYS, _rename, model_config
 from model import CheckpointError
@@ -118,11 +118,7 @@ def check_exportable(path, payload):
     if method != "lora":
         raise AdapterError(f"{path} holds a {method} adapter, and only --method lora adapters "
                            f"export to PEFT: {REFUSALS.get(method, 'it is no plain LoRA')}")
-    try:
-        cfg = InterLoRAConfig(**payload["config"])
-    except TypeError as e:
-        raise AdapterError(f"{path}: its LoRA config {payload['config']} does not fit this "
-                           f"version ({e})") from None
+    cfg = adapters.config_of(path, payload)
     gated = [n for n in payload["tensors"] if not n.rpartition(".lora_")[1]]
     if cfg.attention_gate or cfg.ffn_gate != "none" or gated:
         raise AdapterError(f"{path} holds LoRA with gates ({(gated or ['its config'])[0]}): "

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 
 from machinery.adapters import default_targets
-import interlora
 from machinery import adapters, fused
 from interlora import (VARIANTS, AdapterError, InterLoRAConfig, InterLoRALinear, add_interlora,
                        adapter_state_dict, is_adapter_parameter, load_adapter, merge,
